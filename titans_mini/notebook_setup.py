@@ -25,7 +25,7 @@ GITHUB_REPO = "titans-mini/titans_mini"
 BRANCH = "main"
 REPO_URL = f"https://github.com/{GITHUB_REPO}"
 
-NOTEBOOK_DIRS = ("notebooks", "solutions", "exercises")
+ROOT_DIRS = NOTEBOOK_DIRS = ("notebooks", "solutions", "exercises")
 
 SETUP_CELL = f'''# Set-up: on Google Colab, install titans_mini from GitHub; locally this cell does nothing.
 # (Colab's own torch and ipywidgets are kept: pip only adds what is missing.)

@@ -1,0 +1,78 @@
+"""Every notebook opens with a title + its own Colab badge and the one shared set-up cell."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import types
+
+import pytest
+
+from titans_mini import notebook_setup as ns
+from titans_mini.notebook_setup import ROOT_DIRS, all_notebooks
+
+_ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+NOTEBOOKS = all_notebooks(_ROOT)
+
+
+def test_there_are_notebooks():
+    assert (_ROOT / "notebooks" / "00_welcome.ipynb") in NOTEBOOKS
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.relative_to(_ROOT).as_posix())
+def test_title_badge_and_setup_cell(path):
+    rel = path.relative_to(_ROOT).as_posix()
+    nb = json.loads(path.read_text())
+    assert ns.problems(nb, rel) == [], f"{rel}: run `python -m titans_mini.notebook_setup` to fix"
+    assert nb["metadata"].get("kernelspec", {}).get("name") == "python3", f"{rel}: kernelspec python3"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.relative_to(_ROOT).as_posix())
+def test_stored_without_outputs(path):
+    nb = json.loads(path.read_text())
+    if nb["metadata"].get("titans_mini", {}).get("outputs_from_full_run"):
+        pytest.skip("outputs come from a documented full run")
+    with_outputs = [i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code" and c.get("outputs")]
+    assert not with_outputs, f"cells {with_outputs} carry outputs; clear them before committing"
+
+
+def test_problems_detects_drift():
+    rel = "notebooks/99_x.ipynb"
+    good = {"cells": [{"cell_type": "markdown", "source": "# T\n\n" + ns.badge(rel)},
+                      {"cell_type": "code", "source": ns.SETUP_CELL}], "metadata": {}}
+    assert ns.problems(good, rel) == []
+    assert ns.problems(good, "notebooks/98_other.ipynb")  # badge for another path
+    drifted = json.loads(json.dumps(good))
+    drifted["cells"][1]["source"] = ns.SETUP_CELL.replace("-q", "-q -e")
+    assert ns.problems(drifted, rel)
+    no_title = json.loads(json.dumps(good))
+    no_title["cells"][0]["source"] = ns.badge(rel)
+    assert ns.problems(no_title, rel)
+
+
+def test_setup_cell_installs_only_on_colab(monkeypatch):
+    calls = []
+    fake_subprocess = types.SimpleNamespace(run=lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setitem(sys.modules, "subprocess", fake_subprocess)
+    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+    exec(ns.SETUP_CELL, {})
+    assert calls == [], "locally the set-up cell must do nothing"
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    exec(ns.SETUP_CELL, {})
+    assert len(calls) == 1
+    cmd = calls[0][0][0]
+    assert cmd[1:4] == ["-m", "pip", "install"]
+    assert "-e" not in cmd and "--editable" not in cmd, "editable installs do not import on Colab"
+    assert any(arg.endswith(f"git+{ns.REPO_URL}@{ns.BRANCH}") for arg in cmd)
+    assert not any(re.search(r"\b(torch|ipywidgets)\b", arg) for arg in cmd), "never reinstall torch/ipywidgets"
+
+
+def test_repository_url_is_defined_once():
+    """The repo URL is written literally only in notebook_setup.py; everything else derives it."""
+    hits = []
+    for path in list(_ROOT.glob("titans_mini/**/*.py")) + list(_ROOT.glob("tests/**/*.py")):
+        if ns.GITHUB_REPO in path.read_text() and path.name != "notebook_setup.py":
+            hits.append(path.relative_to(_ROOT).as_posix())
+    assert hits == []
+    assert set(ROOT_DIRS) == {"notebooks", "solutions", "exercises"}

@@ -1,0 +1,110 @@
+"""Check the environment: ``python -m titans_mini.env_check``.
+
+Prints one ``[OK]`` / ``[FAIL]`` line per requirement, with what to do when something fails, and
+exits with status 1 if anything required is missing. The README's troubleshooting section points
+here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import shutil
+import subprocess
+import sys
+
+MIN_PYTHON = (3, 10)
+MIN_TORCH = (2, 4)
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    parts = []
+    for p in v.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def _cuda_expected() -> bool:
+    """A CUDA GPU is expected on Colab and wherever nvidia-smi lists one."""
+    if "google.colab" in sys.modules:
+        return True
+    if shutil.which("nvidia-smi") is None:
+        return False
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and "GPU" in out.stdout
+
+
+def checks() -> list[tuple[bool, str, str]]:
+    """(ok, what, advice) for every requirement."""
+    results: list[tuple[bool, str, str]] = []
+    py = sys.version_info
+    results.append((
+        py[:2] >= MIN_PYTHON,
+        f"Python {py.major}.{py.minor}.{py.micro} (need >= {MIN_PYTHON[0]}.{MIN_PYTHON[1]})",
+        "install Python 3.10-3.13 and re-run `make lab`",
+    ))
+    try:
+        import torch
+
+        ok = _version_tuple(torch.__version__) >= MIN_TORCH
+        results.append((ok, f"torch {torch.__version__} (need >= {MIN_TORCH[0]}.{MIN_TORCH[1]})",
+                        "run `make lab` (installs the CPU build without a GPU); on Colab keep its torch"))
+        if _cuda_expected():
+            cuda = torch.cuda.is_available()
+            what = f"CUDA available ({torch.cuda.get_device_name(0)})" if cuda else "CUDA available"
+            results.append((cuda, what,
+                            "a GPU is present but this torch cannot use it: install a CUDA build of "
+                            "torch (pip install 'torch>=2.4'); on Colab choose Runtime > Change runtime type > GPU"))
+    except ImportError:
+        results.append((False, "torch", "run `make lab`, or `pip install torch` (CPU: torch==2.13.0)"))
+    for module, need, advice in [
+        ("numpy", None, "pip install numpy"),
+        ("matplotlib", None, "pip install matplotlib"),
+        ("tqdm", None, "pip install tqdm"),
+        ("ipywidgets", (7, 7), "pip install 'ipywidgets>=7.7' (on Colab keep the preinstalled 7.7.1)"),
+        ("jupyterlab", (4, 0), "run `make lab` or pip install -e '.[course]' (not needed on Colab)"),
+        ("nbmake", None, "pip install -e '.[dev]' (only needed to run the tests)"),
+    ]:
+        try:
+            mod = importlib.import_module(module)
+            version = getattr(mod, "__version__", None)
+            if version is None:
+                try:
+                    version = importlib.metadata.version(module)
+                except importlib.metadata.PackageNotFoundError:
+                    version = "?"
+            ok = need is None or _version_tuple(version) >= need
+            bound = f" (need >= {'.'.join(map(str, need))})" if need else ""
+            results.append((ok, f"{module} {version}{bound}", advice))
+        except ImportError:
+            if module == "jupyterlab" and "google.colab" in sys.modules:
+                results.append((True, "jupyterlab (not needed on Colab)", advice))
+            else:
+                results.append((False, f"{module} not installed", advice))
+    try:
+        import titans_mini
+
+        results.append((True, f"titans_mini {titans_mini.__version__}", ""))
+    except ImportError:
+        results.append((False, "titans_mini not importable", "run `make lab` (pip install -e '.[course,dev]')"))
+    return results
+
+
+def main() -> int:
+    failed = 0
+    for ok, what, advice in checks():
+        if ok:
+            print(f"[OK]   {what}")
+        else:
+            failed += 1
+            print(f"[FAIL] {what} -> {advice}")
+    print("all good" if not failed else f"{failed} problem(s): fix them and run this again")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
