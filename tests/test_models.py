@@ -1,0 +1,237 @@
+"""Tests for titans_mini.models: every variant is causal, streams, generates, trains; configs validate.
+
+All checks use the ``tiny`` preset; causality/streaming/generation run in float64 so that "does not
+move" means "moves by less than 1e-10" (the run-to-run noise floor), not "moves a little".
+"""
+
+import pytest
+import torch
+
+from titans_mini.models import PRESETS, VARIANTS, TitansConfig, TitansLM
+
+MEMORY_VARIANTS = ["mac", "mag", "mal", "lmm"]
+ATTENTION_VARIANTS = ["transformer", "swa"]
+T = 40  # > 2 segments of 16, 10 chunks of 4: crosses segment, window and chunk boundaries
+
+
+def make(variant, dtype=torch.float64, seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = TitansLM(TitansConfig.preset("tiny", variant=variant, **overrides))
+    return model.to(dtype)
+
+
+def tokens(batch=2, length=T, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (batch, length), generator=g)
+
+
+# ---------------------------------------------------------------------------------------------
+# causality
+# ---------------------------------------------------------------------------------------------
+
+
+def max_change_before(model, x, j, seed=5):
+    """Max |Δlogits| at positions < j and at position j after re-drawing tokens j.. ."""
+    g = torch.Generator().manual_seed(seed)
+    x2 = x.clone()
+    x2[:, j:] = (x[:, j:] + torch.randint(1, 256, x[:, j:].shape, generator=g)) % 256
+    with torch.no_grad():
+        a, _ = model(x)
+        b, _ = model(x2)
+    return (a[:, :j] - b[:, :j]).abs().max().item(), (a[:, j] - b[:, j]).abs().max().item()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_causal(variant):
+    model = make(variant)
+    x = tokens()
+    for j in (1, 6, 15, 16, 21, 33):  # inside and across segments / chunks / windows
+        before, at = max_change_before(model, x, j)
+        assert before < 1e-10, f"{variant}: positions < {j} moved by {before:.3g}"
+        assert at > 1e-6, f"{variant}: position {j} ignores its own token"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_batch_elements_independent(variant):
+    model = make(variant)
+    x = tokens()
+    x2 = x.clone()
+    x2[1] = tokens(1, seed=9)[0]
+    with torch.no_grad():
+        a, _ = model(x)
+        b, _ = model(x2)
+    assert (a[0] - b[0]).abs().max() < 1e-10
+
+
+def test_mac_as_written_leaks():
+    """MAC exactly as the paper writes it (full h visible, read after the segment's write)."""
+    model = make("mac", mac_causal=False)
+    x = tokens()
+    worst = max(max_change_before(model, x, j)[0] for j in (5, 21, 33))
+    assert worst > 1e-6, "MAC-as-written should leak future tokens into earlier outputs"
+
+
+# ---------------------------------------------------------------------------------------------
+# streaming and generation
+# ---------------------------------------------------------------------------------------------
+
+
+def run_in_pieces(model, x, cuts):
+    outs, state, start = [], None, 0
+    for end in list(cuts) + [x.shape[1]]:
+        logits, state = model(x[:, start:end], state)
+        outs.append(logits)
+        start = end
+    return torch.cat(outs, 1), state
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_streaming_at_chunk_and_segment_boundaries(variant):
+    model = make(variant)
+    x = tokens()
+    with torch.no_grad():
+        full, state = model(x)
+        for cuts in ([16], [4, 20], [8, 16, 32]):
+            pieces, st = run_in_pieces(model, x, cuts)
+            torch.testing.assert_close(pieces, full, rtol=1e-9, atol=1e-10)
+            assert st.pos == state.pos == T
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_streaming_at_any_position(variant):
+    model = make(variant)
+    x = tokens(length=23)
+    with torch.no_grad():
+        full, _ = model(x)
+        for cuts in ([1], [7], [3, 10, 17], list(range(1, 23))):
+            pieces, _ = run_in_pieces(model, x, cuts)
+            torch.testing.assert_close(pieces, full, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_greedy_generate_matches_full_forward(variant):
+    model = make(variant)
+    prompt = tokens(2, 5)
+    out = model.generate(prompt, 20, temperature=0)  # crosses chunk and segment boundaries
+    assert out.shape == (2, 25) and torch.equal(out[:, :5], prompt)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(20):
+            logits, _ = model(seq)
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, seq)
+
+
+def test_generate_sampling_options():
+    model = make("swa")
+    prompt = tokens(1, 4)[0]  # 1-D prompt in, 1-D out
+    g = torch.Generator().manual_seed(0)
+    out = model.generate(prompt, 6, temperature=0.8, top_k=1, generator=g)
+    assert out.shape == (10,)
+    assert torch.equal(out, model.generate(prompt, 6, temperature=0))  # top-1 == greedy
+    assert torch.equal(model.generate(prompt, 0), prompt)
+    with pytest.raises(ValueError):
+        model.generate(prompt, 3, temperature=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradients_finite_and_loss_decreases(variant):
+    model = make(variant, dtype=torch.float32)
+    pattern = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8])
+    x = pattern.repeat(4)[None].repeat(2, 1)  # (2, 48) repeated pattern
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for step in range(8):
+        logits, _ = model(x[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), x[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        if step == 0:
+            for name, p in model.named_parameters():
+                assert p.grad is not None, f"{name} gets no gradient"
+                assert torch.isfinite(p.grad).all(), f"{name} has a non-finite gradient"
+            silent = [n for n, p in model.named_parameters() if p.grad.abs().sum() == 0]
+            assert not silent, f"parameters with zero gradient: {silent}"
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+# ---------------------------------------------------------------------------------------------
+# persistent memory
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", MEMORY_VARIANTS)
+def test_persistent_tokens(variant):
+    model = make(variant)
+    persistent = [m for m in model.modules() if type(m).__name__ == "PersistentMemory"]
+    assert len(persistent) == model.cfg.n_layers  # one P per layer
+    before = [p.tokens.detach().clone() for p in persistent]
+    with torch.no_grad():
+        model(tokens())
+    for p, b in zip(persistent, before):
+        assert torch.equal(p.tokens, b)
+        rows = p(3)
+        assert rows.shape == (3, model.cfg.n_persistent, model.cfg.dim)
+        assert torch.equal(rows[0], rows[1]) and torch.equal(rows[0], rows[2])
+
+
+def test_baselines_have_no_persistent_tokens():
+    for v in ATTENTION_VARIANTS:
+        assert not [m for m in make(v).modules() if type(m).__name__ == "PersistentMemory"]
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration, parameter counts, bad input
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_param_counts_within_ten_percent(preset):
+    counts = {}
+    for v in VARIANTS:
+        with torch.device("meta"):
+            counts[v] = TitansLM(TitansConfig.preset(preset, variant=v)).num_params()
+    lo, hi = min(counts.values()), max(counts.values())
+    assert hi <= 1.10 * lo, counts
+    if preset == "colab-t4":
+        assert 10e6 <= counts["transformer"] <= 20e6, counts
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="mac, mag, mal, lmm, transformer, swa"):
+        TitansConfig.preset("tiny", variant="rnn")
+    with pytest.raises(ValueError, match="tiny"):
+        TitansConfig.preset("huge")
+    with pytest.raises(ValueError, match="divisible"):
+        TitansConfig.preset("tiny", dim=30, n_heads=4)
+    with pytest.raises(ValueError, match="multiple of chunk_size"):
+        TitansConfig.preset("tiny", segment_len=18, chunk_size=4)
+    with pytest.raises(ValueError, match="unknown config field"):
+        TitansConfig.preset("tiny", colour="blue")
+    cfg = TitansConfig.preset("tiny", variant="mag", dim=48)
+    assert cfg.variant == "mag" and cfg.dim == 48 and cfg.window == PRESETS["tiny"]["window"]
+
+
+def test_bad_tokens_raise():
+    model = make("transformer")
+    with pytest.raises(ValueError, match="integer"):
+        model(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="in \\[0, 255\\]"):
+        model(torch.tensor([[1, 256]]))
+    with pytest.raises(ValueError, match="in \\[0, 255\\]"):
+        model(torch.tensor([[-1, 3]]))
+    with pytest.raises(ValueError, match="shape"):
+        model(torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="shape"):
+        model(torch.zeros(1, 2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer"):
+        model(torch.ones(1, 3, dtype=torch.bool))
+    logits, _ = model(torch.tensor([[1, 2]], dtype=torch.int32))
+    assert logits.shape == (1, 2, 256)
