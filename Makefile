@@ -60,7 +60,7 @@ lint: setup
 # pytest exit code 5 means "no tests collected": that is an error here, never a silent pass.
 pytest: setup
 	@set +e; TITANS_FAST=1 OMP_NUM_THREADS=1 MPLBACKEND=Agg $(PY) -m pytest -n $(PYTEST_WORKERS) \
-		--dist loadfile --nbmake tests notebooks exercises $(PYTEST_ARGS); rc=$$?; \
+		--dist load --nbmake tests $(wildcard notebooks exercises) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "ERROR: pytest collected no tests (exit code 5)"; exit 1; fi; exit $$rc
 
 test: lint pytest
