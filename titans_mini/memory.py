@@ -305,6 +305,8 @@ class NeuralMemory(nn.Module):
             return pre, None
         k = weight.shape[-1]
         B, T, C = pre.shape
+        if T == 0:  # nothing new: the context is unchanged
+            return pre, context
         if context is None:
             context = pre.new_zeros(B, k - 1, C)
         elif context.shape != (B, k - 1, C):
@@ -648,7 +650,10 @@ def _token_gradient(mem: NeuralMemory, W: tuple[Tensor, ...], k: Tensor, v: Tens
 
     Returns (gradients: tuple like W, loss (B, H))."""
     with torch.enable_grad():
-        Wg = tuple(w if w.requires_grad else w.detach().requires_grad_(True) for w in W)
+        # differentiate w.r.t. a fresh node: a graph-connected copy when the outer loop needs
+        # second derivatives, else a detached leaf
+        Wg = tuple(w * 1.0 if create_graph and w.requires_grad else w.detach().requires_grad_(True)
+                   for w in W)
         pred = mem.memory_fn(Wg, k.unsqueeze(-2)).squeeze(-2)  # (B, H, d)
         loss = associative_loss(pred, v)  # (B, H): ½‖M(k) − v‖²
         # the (batch, head) memories are independent, so the gradient of the sum is per memory

@@ -1,0 +1,500 @@
+"""NeuralMemory: the chunked layer against independent token-by-token code.
+
+Oracles (titans-reference §9): T1 chunk 1 ≡ online GD, T2 fast ≡ loop, T5 reductions, T8 outer
+gradients, T9 causality, T10 streaming, T12 zero-M₀ trap, T13 stability; plus input validation.
+Exactness tests run in float64.
+"""
+
+import math
+
+import pytest
+import torch
+
+from titans_mini import MemoryState, NeuralMemory
+from titans_mini.functional import associative_loss
+from titans_mini.memory import MemoryStats, sequential_reference
+
+DT = torch.float64
+STAT_NAMES = ("reads", "surprise", "grad_norm", "theta", "eta", "alpha")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny tensors: one intra-op thread is fastest and immune to a busy shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make(dim=8, seed=0, **kw):
+    torch.manual_seed(seed)
+    kw.setdefault("expansion", 2)
+    kw.setdefault("theta_max", 0.5)  # aggressive: makes every term of the update matter
+    mem = NeuralMemory(dim, **kw).to(DT)
+    with torch.no_grad():  # gates away from their init so θ, η, α vary a lot per token
+        mem.to_gates.weight.normal_(0, 0.5)
+    return mem
+
+
+def rand_x(B=2, T=37, dim=8, seed=1):
+    return torch.randn(B, T, dim, dtype=DT, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_states_close(a: MemoryState, b: MemoryState, **tol):
+    for name in ("weights", "momentum"):
+        for u, v in zip(getattr(a, name), getattr(b, name)):
+            torch.testing.assert_close(u, v, **tol)
+    for name in ("pending_keys", "pending_values", "pending_gates"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), **tol)
+
+
+def assert_stats_close(a: MemoryStats, b: MemoryStats, names=STAT_NAMES, **tol):
+    for name in names:
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), **tol)
+
+
+# ---------------------------------------------------------------------------------------------
+# T1: chunk size 1 is exact online gradient descent (independent loop, written here)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth,residual_norm", [(1, True), (2, True), (2, False)])
+def test_chunk_one_is_online_gradient_descent(depth, residual_norm):
+    mem = make(depth=depth, residual_norm=residual_norm, chunk_size=1)
+    x = rand_x(T=12)
+    y, state, stats = mem(x, return_stats=True)
+    q, k, v = mem.project(x)
+    theta, eta, alpha = mem.gates(x)
+    W = [w.unsqueeze(0).expand(2, *w.shape).clone() for w in mem.memory_init]
+    S = [torch.zeros_like(w) for w in W]
+    for t in range(12):
+        # read before the token's own write
+        torch.testing.assert_close(stats.reads[:, :, t], mem.memory_fn(W, q[:, :, t:t + 1])[:, :, 0])
+        Wg = [w.detach().requires_grad_(True) for w in W]
+        loss = associative_loss(mem.memory_fn(Wg, k[:, :, t:t + 1].detach()),
+                                v[:, :, t:t + 1].detach()).sum()
+        grads = torch.autograd.grad(loss, Wg)  # gradient at the current (previous-token) state
+        with torch.no_grad():
+            for i in range(len(W)):
+                S[i] = eta[:, :, t, None, None] * S[i] - theta[:, :, t, None, None] * grads[i]
+                W[i] = (1 - alpha[:, :, t, None, None]) * W[i] + S[i]
+    for a, b in zip(state.weights, W):
+        torch.testing.assert_close(a.detach(), b, rtol=1e-10, atol=1e-12)
+    for a, b in zip(state.momentum, S):
+        torch.testing.assert_close(a.detach(), b, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# T2: the weighted-gradient route equals the token loop (sequential_reference)
+# ---------------------------------------------------------------------------------------------
+
+CONFIGS = [
+    dict(depth=1),
+    dict(depth=2),
+    dict(depth=3),
+    dict(depth=2, residual_norm=False),
+    dict(depth=3, residual_norm=False, theta_max=0.05),
+    dict(depth=2, heads=2, per_layer_theta=True),
+    dict(depth=2, momentum=False),
+    dict(depth=2, forget=False),
+    dict(depth=2, heads=2, chunk_gates=True, max_grad_norm=0.3),
+    dict(depth=1, momentum=False, forget=False, conv=False),
+]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 16])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_fast_path_matches_sequential_reference(cfg, chunk_size):
+    mem = make(chunk_size=chunk_size, **cfg)
+    x = rand_x(T=37)  # not a multiple of any chunk size > 1: a partial last chunk
+    with torch.no_grad():
+        y, state, stats = mem(x, return_stats=True)
+        y_ref, state_ref, stats_ref = sequential_reference(mem, x, return_stats=True)
+    tol = dict(rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(y, y_ref, **tol)
+    assert_states_close(state, state_ref, **tol)
+    assert_stats_close(stats, stats_ref, **tol)
+    assert state.pending == 37 % chunk_size
+
+
+def test_small_eta_and_aggressive_gates_match_reference():
+    mem = make(depth=2, chunk_size=8)
+    with torch.no_grad():
+        mem.to_gates.bias[1] = -30.0  # η ≈ 1e-13: products of η underflow in a naive cumprod
+    x = rand_x(T=24)
+    with torch.no_grad():
+        y, state = mem(x)
+        y_ref, state_ref = sequential_reference(mem, x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10)
+    assert_states_close(state, state_ref, rtol=1e-9, atol=1e-10)
+
+
+def test_outer_gradients_match_reference():
+    mem = make(depth=2, heads=2, chunk_size=4)
+    x = rand_x(T=11).requires_grad_(True)
+    y, state = mem(x)
+    loss = y.sin().sum() + sum(w.square().sum() for w in state.weights)
+    grads = torch.autograd.grad(loss, [x, *mem.parameters()])
+    y_ref, state_ref = sequential_reference(mem, x)
+    loss_ref = y_ref.sin().sum() + sum(w.square().sum() for w in state_ref.weights)
+    grads_ref = torch.autograd.grad(loss_ref, [x, *mem.parameters()])
+    for g, gr in zip(grads, grads_ref):
+        torch.testing.assert_close(g, gr, rtol=1e-8, atol=1e-10)
+
+
+def test_flush_writes_the_partial_chunk_like_the_reference():
+    mem = make(depth=2, chunk_size=8)
+    x = rand_x(T=13)
+    with torch.no_grad():
+        _, state = mem(x)
+        flushed = mem.flush(state)
+        _, ref = sequential_reference(mem, x, flush=True)
+    assert state.pending == 5 and flushed.pending == 0
+    assert not torch.equal(flushed.weights[0], state.weights[0])
+    assert_states_close(flushed, ref, rtol=1e-9, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------
+# T5: reductions of the linear memory (chunk 1), written out independently
+# ---------------------------------------------------------------------------------------------
+
+
+def _linear_setup(**kw):
+    mem = make(depth=1, chunk_size=1, **kw)
+    with torch.no_grad():
+        mem.memory_init[0].normal_()  # a non-zero M₀ makes the decay visible
+    x = rand_x(T=10)
+    q, k, v = mem.project(x)
+    theta, eta, alpha = mem.gates(x)
+    W = mem.memory_init[0].unsqueeze(0).expand(2, -1, -1, -1)
+    return mem, x, k.detach(), v.detach(), theta.detach(), eta, alpha.detach(), W.detach()
+
+
+def test_reduction_gated_delta_rule_titans_form():
+    """η ≡ 0: W_t = (1 − α_t) W_{t−1} − θ_t (W_{t−1} k_t − v_t) k_tᵀ."""
+    mem, x, k, v, theta, eta, alpha, W = _linear_setup(momentum=False)
+    assert torch.equal(eta, torch.zeros_like(eta))
+    for t in range(10):
+        err = W @ k[:, :, t, :, None] - v[:, :, t, :, None]
+        W = (1 - alpha[:, :, t, None, None]) * W - theta[:, :, t, None, None] * err @ k[:, :, t,
+                                                                                        None, :]
+    with torch.no_grad():
+        _, state = mem(x)
+    torch.testing.assert_close(state.weights[0], W, rtol=1e-10, atol=1e-12)
+
+
+def test_reduction_delta_rule():
+    """η ≡ α ≡ 0: W_t = W_{t−1} − θ_t (W_{t−1} k_t − v_t) k_tᵀ."""
+    mem, x, k, v, theta, eta, alpha, W = _linear_setup(momentum=False, forget=False)
+    assert torch.equal(alpha, torch.zeros_like(alpha))
+    for t in range(10):
+        err = W @ k[:, :, t, :, None] - v[:, :, t, :, None]
+        W = W - theta[:, :, t, None, None] * err @ k[:, :, t, None, :]
+    with torch.no_grad():
+        _, state = mem(x)
+    torch.testing.assert_close(state.weights[0], W, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_reduction_theta_zero_is_pure_decay(depth):
+    """θ ≡ 0, S₀ = 0: Φ_t = Π_{j ≤ t}(1 − α_j) Φ₀, momentum stays 0."""
+    mem = make(depth=depth, chunk_size=3)
+    with torch.no_grad():
+        mem.memory_init[0].normal_()
+        mem.to_gates.bias[0] = -1e4  # θ = θ_max·σ(−1e4) = 0 exactly
+        mem.to_gates.weight[0] = 0.0
+    x = rand_x(T=12)
+    _, _, alpha = mem.gates(x)
+    with torch.no_grad():
+        _, state = mem(x)
+    decay = torch.prod(1 - alpha, -1)[..., None, None]  # (B, H, 1, 1)
+    for w, w0, s in zip(state.weights, mem.memory_init, state.momentum):
+        torch.testing.assert_close(w, decay * w0.detach(), rtol=1e-10, atol=1e-12)
+        assert torch.equal(s, torch.zeros_like(s))
+
+
+# ---------------------------------------------------------------------------------------------
+# T9: causality and batch isolation
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cfg", [dict(depth=2, chunk_size=4), dict(depth=1, heads=2, chunk_size=5),
+                                 dict(depth=2, chunk_size=4, chunk_gates=True)])
+def test_causality_perturbing_a_token_changes_no_earlier_output(cfg):
+    mem = make(**cfg)
+    x = rand_x(T=21)
+    with torch.no_grad():
+        y, _ = mem(x)
+        for p in (0, 3, 4, 9, 20):
+            x2 = x.clone()
+            x2[:, p] += torch.randn(8, dtype=DT)
+            y2, _ = mem(x2)
+            assert torch.equal(y2[:, :p], y[:, :p]), f"output before {p} changed"
+            assert not torch.equal(y2[:, p:], y[:, p:])
+
+
+def test_batch_elements_are_isolated():
+    mem = make(depth=2, chunk_size=4)
+    x = rand_x(B=3, T=13)
+    with torch.no_grad():
+        y, s = mem(x)
+        x2 = x.clone()
+        x2[1] += 1.0
+        y2, s2 = mem(x2)
+    assert torch.equal(y2[0], y[0]) and torch.equal(y2[2], y[2])
+    assert not torch.equal(y2[1], y[1])
+    assert torch.equal(s2.weights[0][0], s.weights[0][0])
+
+
+# ---------------------------------------------------------------------------------------------
+# T10: streaming with a carried state
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("splits", [[8, 16], [5, 19], [1, 1, 1, 2, 7, 12], [3, 3, 3, 3, 12],
+                                    [24], [7, 0, 17]])
+@pytest.mark.parametrize("chunk_gates", [False, True])
+def test_streaming_split_calls_equal_one_call(splits, chunk_gates):
+    mem = make(depth=2, heads=2, chunk_size=4, chunk_gates=chunk_gates)
+    x = rand_x(T=24)
+    with torch.no_grad():
+        y, state, stats = mem(x, return_stats=True)
+        ys, parts, s, i = [], [], None, 0
+        for n in splits:
+            yy, s, st = mem(x[:, i:i + n], s, return_stats=True)
+            ys.append(yy)
+            parts.append(st)
+            i += n
+    torch.testing.assert_close(torch.cat(ys, 1), y, rtol=1e-12, atol=1e-12)
+    assert_states_close(s, state, rtol=1e-12, atol=1e-12)
+    # per-chunk pooled gate *statistics* of a partial chunk are provisional; the rest must match
+    names = ("reads", "surprise", "grad_norm") if chunk_gates else STAT_NAMES
+    for name in names:
+        torch.testing.assert_close(torch.cat([getattr(p, name) for p in parts], 2),
+                                   getattr(stats, name), rtol=1e-12, atol=1e-12)
+
+
+def test_reference_streams_like_the_fast_path():
+    mem = make(depth=2, chunk_size=4)
+    x = rand_x(T=15)
+    with torch.no_grad():
+        y, state = mem(x)
+        y1, s = sequential_reference(mem, x[:, :6])
+        y2, s = sequential_reference(mem, x[:, 6:], s)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y, rtol=1e-10, atol=1e-12)
+    assert_states_close(s, state, rtol=1e-10, atol=1e-12)
+
+
+def test_short_call_is_buffered_then_written_when_its_chunk_completes():
+    mem = make(depth=2, chunk_size=4)
+    x = rand_x(T=4)
+    with torch.no_grad():
+        init = mem.init_state(2)
+        _, s = mem(x[:, :3], init)  # shorter than a chunk: buffered, not dropped
+        assert s.pending == 3
+        assert all(torch.equal(a, b) for a, b in zip(s.weights, init.weights))
+        _, s = mem(x[:, 3:], s)  # the chunk completes: all four tokens are written
+        assert s.pending == 0
+        _, full = mem(x)
+    assert not torch.equal(s.weights[0], init.weights[0])
+    assert_states_close(s, full, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# T8: outer gradients, gradcheck
+# ---------------------------------------------------------------------------------------------
+
+
+def test_outer_gradients_reach_every_parameter():
+    mem = make(depth=2, heads=2, chunk_size=4, dim=8)
+    x = rand_x(T=14)
+    y, _ = mem(x)
+    y.square().mean().backward()
+    for name, p in mem.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_gradcheck_tiny_layer():
+    mem = make(dim=4, depth=2, chunk_size=2, expansion=2, heads=2)
+    x = rand_x(B=1, T=5, dim=4).requires_grad_(True)
+    w_k = mem.to_qkv.weight
+
+    def fn(x, w_qkv, m0):
+        # route the parameters through functional_call so gradcheck perturbs them
+        params = {"to_qkv.weight": w_qkv, "memory_init.0": m0}
+        y, state = torch.func.functional_call(mem, params, (x,))
+        return y, state.weights[1]
+
+    assert torch.autograd.gradcheck(
+        fn, (x, w_k.detach().clone().requires_grad_(True),
+             mem.memory_init[0].detach().clone().requires_grad_(True)))
+
+
+# ---------------------------------------------------------------------------------------------
+# T12: the zero-M₀ trap; T13: stability
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("residual_norm", [True, False])
+def test_zero_mlp_memory_is_a_fixed_point(residual_norm):
+    mem = make(depth=2, chunk_size=4, residual_norm=residual_norm)
+    with torch.no_grad():
+        for w in mem.memory_init:
+            w.zero_()
+        _, state, stats = mem(rand_x(T=12), return_stats=True)
+    assert torch.equal(stats.grad_norm, torch.zeros_like(stats.grad_norm))
+    for w in state.weights:
+        assert torch.equal(w, torch.zeros_like(w))
+
+
+def test_zero_linear_memory_still_learns():
+    mem = make(depth=1, chunk_size=4)
+    with torch.no_grad():
+        mem.memory_init[0].zero_()
+        _, state, stats = mem(rand_x(T=12), return_stats=True)
+    assert (stats.grad_norm > 0).all()
+    assert state.weights[0].abs().sum() > 0
+
+
+def test_default_memory_is_not_in_the_trap():
+    mem = NeuralMemory(16)
+    with torch.no_grad():
+        _, _, stats = mem(torch.randn(1, 32, 16), return_stats=True)
+    assert (stats.grad_norm > 0).all()
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_long_sequence_is_finite_with_defaults(autocast):
+    torch.manual_seed(0)
+    mem = NeuralMemory(32, heads=2)  # defaults: depth 2, chunk 16, momentum, forgetting
+    x = torch.randn(2, 4096, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y, state, stats = mem(x, return_stats=True)
+        loss = y.float().square().mean()
+    loss.backward()
+    assert torch.isfinite(y).all() and torch.isfinite(loss)
+    assert all(torch.isfinite(w).all() for w in state.weights + state.momentum)
+    assert torch.isfinite(stats.surprise).all()
+    for name, p in mem.named_parameters():
+        assert torch.isfinite(p.grad).all(), name
+
+
+# ---------------------------------------------------------------------------------------------
+# contract details: shapes, gates, retrieve
+# ---------------------------------------------------------------------------------------------
+
+
+def test_public_shapes_and_gate_ranges():
+    mem = NeuralMemory(12, heads=3, depth=2, expansion=4, chunk_size=5)
+    x = torch.randn(2, 7, 12)
+    q, k, v = mem.project(x)
+    assert q.shape == k.shape == v.shape == (2, 3, 7, 4)
+    torch.testing.assert_close(k.norm(dim=-1), torch.ones(2, 3, 7), rtol=1e-4, atol=1e-4)
+    theta, eta, alpha = mem.gates(x)
+    assert theta.shape == eta.shape == alpha.shape == (2, 3, 7)
+    assert (theta > 0).all() and (theta < mem.theta_max).all()
+    assert ((eta > 0) & (eta < 1)).all() and ((alpha > 0) & (alpha < 1)).all()
+    # initial gates near the documented values (small gate weights at init)
+    assert abs(eta.mean().item() - 0.9) < 0.05 and abs(alpha.mean().item() - 0.05) < 0.03
+    y, state, stats = mem(x, return_stats=True)
+    assert y.shape == x.shape
+    assert [tuple(w.shape) for w in state.weights] == [(2, 3, 16, 4), (2, 3, 4, 16)]
+    assert [tuple(w.shape) for w in state.momentum] == [(2, 3, 16, 4), (2, 3, 4, 16)]
+    assert stats.reads.shape == (2, 3, 7, 4) and stats.surprise.shape == (2, 3, 7)
+    assert stats.grad_norm.shape == (2, 3, 7)
+    lin = NeuralMemory(12, heads=3, depth=1)
+    assert [tuple(w.shape) for w in lin.init_state(2).weights] == [(2, 3, 4, 4)]
+    out = lin.memory_fn(lin.init_state(2).weights, torch.randn(2, 3, 5, 4))
+    assert out.shape == (2, 3, 5, 4)
+
+
+def test_disabled_gates_are_exactly_zero():
+    mem = NeuralMemory(8, momentum=False, forget=False)
+    _, eta, alpha = mem.gates(torch.randn(1, 5, 8))
+    assert torch.equal(eta, torch.zeros_like(eta)) and torch.equal(alpha, torch.zeros_like(alpha))
+
+
+def test_per_layer_theta_shape():
+    mem = NeuralMemory(8, depth=3, per_layer_theta=True)
+    theta, _, _ = mem.gates(torch.randn(1, 5, 8))
+    assert theta.shape == (1, 1, 5, 3)
+
+
+def test_stats_surprise_is_the_loss_at_the_chunk_start_state():
+    mem = make(depth=2, chunk_size=4)
+    x = rand_x(T=10)
+    with torch.no_grad():
+        _, s4 = mem(x[:, :8])  # state at the boundary before tokens 8, 9
+        _, _, stats = mem(x, return_stats=True)
+        _, k, v = mem.project(x)
+        pred = mem.memory_fn(s4.weights, k[:, :, 8:])
+    torch.testing.assert_close(stats.surprise[:, :, 8:], 0.5 * (pred - v[:, :, 8:]).pow(2).sum(-1))
+
+
+def test_retrieve_reads_the_given_state_without_writing():
+    mem = make(depth=2, chunk_size=4)
+    x = rand_x(T=12)
+    with torch.no_grad():
+        # with the initial state, the first chunk's outputs of forward read M₀ as well
+        init = mem.init_state(2)
+        h, ctx = mem.retrieve(x, init)
+        y, _ = mem(x)
+        torch.testing.assert_close(h[:, :4], y[:, :4])
+        # against an explicit computation on an arbitrary state
+        _, state = mem(rand_x(T=9, seed=5))
+        h, _ = mem.retrieve(x, state)
+        q, _, _ = mem.project(x)
+        torch.testing.assert_close(h, mem._output(mem.memory_fn(state.weights, q), x))
+        # streaming the query stream with the returned context equals one call
+        h1, c1 = mem.retrieve(x[:, :5], state)
+        h2, _ = mem.retrieve(x[:, 5:], state, context=c1)
+        torch.testing.assert_close(torch.cat([h1, h2], 1), h)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="divisible by heads"):
+        NeuralMemory(10, heads=3)
+    with pytest.raises(ValueError, match="chunk_size must be an integer >= 1"):
+        NeuralMemory(8, chunk_size=0)
+    with pytest.raises(ValueError, match="depth must be an integer >= 1"):
+        NeuralMemory(8, depth=0)
+
+
+def test_bad_inputs_raise_value_errors():
+    mem = NeuralMemory(8, heads=2, chunk_size=4)
+    with pytest.raises(ValueError, match=r"expected x of shape \(batch, time, dim=8\), got \(5, 8\)"):
+        mem(torch.randn(5, 8))
+    with pytest.raises(ValueError, match=r"dim=8\), got \(1, 5, 6\)"):
+        mem(torch.randn(1, 5, 6))
+    with pytest.raises(ValueError, match="floating-point"):
+        mem(torch.ones(1, 5, 8, dtype=torch.long))
+    _, state = mem(torch.randn(2, 6, 8))
+    with pytest.raises(ValueError, match="state.weights shapes must be"):
+        mem(torch.randn(3, 6, 8), state)  # batch mismatch
+    other = NeuralMemory(8, heads=1, chunk_size=4)
+    with pytest.raises(ValueError, match="state.weights shapes must be"):
+        other(torch.randn(2, 6, 8), state)  # heads mismatch
+    bad = MemoryState(state.weights, state.momentum[:1], state.pending_keys,
+                      state.pending_values, state.pending_gates, state.conv_context)
+    with pytest.raises(ValueError, match="state.momentum must be a tuple of 2 tensors"):
+        mem(torch.randn(2, 6, 8), bad)
+    with pytest.raises(ValueError, match="state must be a MemoryState"):
+        mem(torch.randn(2, 6, 8), {"weights": state.weights})
+
+
+def test_nan_in_carried_state_raises():
+    mem = NeuralMemory(8, chunk_size=4)
+    _, state = mem(torch.randn(1, 6, 8))
+    w = state.weights[0].detach().clone()
+    w[0, 0, 0, 0] = math.nan
+    state.weights = (w, *state.weights[1:])
+    with pytest.raises(ValueError, match="contains NaN or inf"):
+        mem(torch.randn(1, 3, 8), state)
