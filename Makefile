@@ -82,7 +82,7 @@ bench: setup
 WIDGET_LESSONS = notebooks/03_surprise.ipynb notebooks/04_momentum_forgetting.ipynb
 test-widgets77: setup
 	@test -x .venv-ipyw77/bin/python || $(PYTHON) -m venv .venv-ipyw77
-	@$(PY) -c "import site; print(site.getsitepackages()[0])" > \
+	@$(PY) -c "import site; print('import site; site.addsitedir(%r)' % site.getsitepackages()[0])" > \
 		"$$(.venv-ipyw77/bin/python -c 'import site; print(site.getsitepackages()[0])')/titans_main_env.pth"
 	@.venv-ipyw77/bin/python -c "import ipywidgets, sys; sys.exit(ipywidgets.__version__ != '7.7.1')" 2>/dev/null || \
 		.venv-ipyw77/bin/python -m pip install -q "ipywidgets==7.7.1"
