@@ -146,15 +146,17 @@ class NeuralMemory(nn.Module):
         residual_norm: depth ≥ 2 only: M(x) = x + LN(MLP(x)) (default, non-affine LN) or the plain
             MLP M(x) = MLP(x).
         conv: causal depthwise conv (kernel ``conv_kernel``) after the q/k/v projections (D9).
-        theta_max: θ_t = θ_max · σ(·) ∈ (0, θ_max). Keys are unit vectors and M₀ is scaled so that
-            one token's loss has curvature ≈ 1 (linear and residual-LN memory), so θ ≈ 1 would
-            nearly overwrite a key in one step; the chunk sums up to b gradients taken at the same
-            point and momentum multiplies the step by up to 1/(1 − η), hence a cap well below 1.
+        theta_max: θ_t = θ_max · σ(·) ∈ (0, θ_max). Default 0.1 (linear and residual-LN memory):
+            keys are unit vectors and M₀ is scaled so that one token's loss has curvature ≈ 1,
+            so θ ≈ 1 would nearly overwrite a key in one step; but a chunk sums up to b gradients
+            taken at the same point and momentum multiplies the step by up to 1/(1 − η), hence a
+            cap well below 1 (θ_max = 1 diverges on random data at b = 16). Plain MLP: the last
+            layer's curvature is ≈ 0.4·hidden, so the default is 0.25/hidden.
         theta_init, eta_init, alpha_init: the gates' values at initialisation, set through the
             biases of their linear maps (weights start small). η ≈ 0.9: surprise persists over
             ~10 tokens (the paper's momentum). α ≈ 0.05: mild forgetting, memory half-life ≈ 14
-            tokens at first — the model learns to lower it. θ small (θ_max/10): the memory starts
-            as a gentle learner, which keeps early training stable.
+            tokens at first — the model learns to lower it. θ = θ_max/4 by default: well below the
+            cap, so the memory starts as a gentle learner, which keeps early training stable.
         per_layer_theta: one θ per memory layer (NeurIPS: deep memories need per-layer rates).
         chunk_gates: gates mean-pooled over each chunk (faster-to-learn, less expressive option;
             causal, since gates only affect the write at the chunk's end).
@@ -165,7 +167,7 @@ class NeuralMemory(nn.Module):
     def __init__(self, dim: int, heads: int = 1, depth: int = 2, expansion: int = 4,
                  chunk_size: int = 16, momentum: bool = True, forget: bool = True, *,
                  residual_norm: bool = True, conv: bool = True, conv_kernel: int = 4,
-                 theta_max: float = 0.1, theta_init: float | None = None,
+                 theta_max: float | None = None, theta_init: float | None = None,
                  eta_init: float = 0.9, alpha_init: float = 0.05,
                  per_layer_theta: bool = False, chunk_gates: bool = False,
                  max_grad_norm: float | None = None):
@@ -177,9 +179,13 @@ class NeuralMemory(nn.Module):
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if dim % heads != 0:
             raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
+        kind = memory_kind(depth, residual_norm)
+        if theta_max is None:
+            # plain MLP: the last layer's curvature is ‖GELU(W_1 k)‖² ≈ 0.4·hidden, not ≈ 1
+            theta_max = 0.1 if kind != "mlp" else 0.1 * 2.5 / (expansion * (dim // heads))
         if not theta_max > 0:
             raise ValueError(f"theta_max must be > 0, got {theta_max}")
-        theta_init = theta_max / 10 if theta_init is None else theta_init
+        theta_init = theta_max / 4 if theta_init is None else theta_init
         for name, value, top in (("theta_init", theta_init, theta_max), ("eta_init", eta_init, 1),
                                  ("alpha_init", alpha_init, 1)):
             if not 0 < value < top:
@@ -192,7 +198,7 @@ class NeuralMemory(nn.Module):
         self.hidden = expansion * self.d_head
         self.chunk_size = chunk_size
         self.momentum, self.forget = momentum, forget
-        self.kind = memory_kind(depth, residual_norm)
+        self.kind = kind
         self.theta_max = float(theta_max)
         self.per_layer_theta = per_layer_theta
         self.chunk_gates = chunk_gates
