@@ -1,0 +1,336 @@
+"""The trainer: learning, exact resume, atomic checkpoints, torchrun/DDP, and its errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from titans_mini import train as train_mod
+from titans_mini.models import TitansConfig, TitansLM
+from titans_mini.train import TrainConfig, Trainer
+
+# small and quick: the `tiny` preset, short rows, no progress bar, no sample
+QUICK = dict(batch_size=8, seq_len=32, progress=False, sample_tokens=0, eval_batches=1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tiny models run fastest on one thread (and the CI machine has two shared cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(variant="transformer", **overrides):
+    return TitansConfig.preset("tiny", variant=variant, **overrides)
+
+
+def read_metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------- learning
+def test_loss_falls_on_tiny(tmp_path):
+    trainer = Trainer(
+        tiny(), "shakespeare", TrainConfig(steps=40, lr=3e-3, eval_every=40, log_every=5, **QUICK),
+        out_dir=tmp_path,
+    )  # fmt: skip
+    history = trainer.fit()
+    rows = read_metrics(tmp_path)
+    assert rows == history
+    assert {"step", "train_loss", "lr", "tokens_per_s"} <= set(rows[0])
+    first, last = rows[0]["train_loss"], rows[-1]["train_loss"]
+    assert first > 5.0  # ≈ ln 256 at the start
+    assert last < first - 1.2, (first, last)
+    assert rows[-1]["step"] == 40 and rows[-1]["val_loss"] < first - 1.0
+    assert 0 < rows[-1]["val_bpb"] == pytest.approx(rows[-1]["val_loss"] / 0.6931471805599453)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model"]["variant"] == "transformer" and config["train"]["steps"] == 40
+    assert (tmp_path / "checkpoint.pt").is_file()
+
+
+def test_lr_schedule_warmup_then_cosine():
+    lrs = [train_mod.lr_lambda(s, steps=100, warmup=10, min_ratio=0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))  # rises during warm-up
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # then only falls
+    assert train_mod.lr_lambda(100, steps=100, warmup=10, min_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_sample_at_the_end(tmp_path):
+    trainer = Trainer(
+        tiny(),
+        "shakespeare",
+        TrainConfig(steps=2, **(QUICK | {"sample_tokens": 20})),
+        out_dir=tmp_path,
+    )
+    trainer.fit()
+    text = (tmp_path / "sample.txt").read_text()
+    assert trainer.sample_text == text and len(text.encode("utf-8", "replace")) >= 20
+
+
+# ---------------------------------------------------------------- resume
+@pytest.mark.parametrize("segments", [1, 2])
+def test_resume_matches_uninterrupted(tmp_path, segments):
+    """Stop after k = 5 steps (mid-excerpt when segments = 2), resume, train to 2k = 10: the
+    parameters, optimiser and logged losses equal an uninterrupted run's."""
+    cfg = TrainConfig(steps=10, lr=3e-3, eval_every=4, log_every=1, segments=segments, **QUICK)
+    full = Trainer(tiny(), "shakespeare", cfg, out_dir=tmp_path / "full")
+    full.fit()
+
+    part = Trainer(tiny(), "shakespeare", cfg, out_dir=tmp_path / "part")
+    part.fit(stop_at=5)
+    assert part.step == 5
+    if segments == 2:
+        assert part.state is not None  # the carried state is part of the checkpoint
+    torch.manual_seed(1234)  # the resumed run must not depend on the global RNG at start
+    resumed = Trainer(tiny(), "shakespeare", cfg, out_dir=tmp_path / "part", resume=True)
+    assert resumed.step == 5
+    resumed.fit()
+
+    for (name, a), (_, b) in zip(
+        full.raw_model.state_dict().items(), resumed.raw_model.state_dict().items()
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    a_rows, b_rows = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "part")
+    assert [r["step"] for r in a_rows] == [r["step"] for r in b_rows] == list(range(1, 11))
+    for ra, rb in zip(a_rows, b_rows):
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], abs=1e-6)
+        assert ra.get("val_loss") == pytest.approx(rb.get("val_loss"), abs=1e-6)
+    assert resumed.scheduler.get_last_lr() == full.scheduler.get_last_lr()
+
+
+def test_resume_fails_clearly(tmp_path):
+    cfg = TrainConfig(steps=3, **QUICK)
+    with pytest.raises(FileNotFoundError, match="no checkpoint.pt"):
+        Trainer(tiny(), "shakespeare", cfg, out_dir=tmp_path, resume=True)
+    Trainer(tiny(), "shakespeare", cfg, out_dir=tmp_path, resume="auto").fit(stop_at=1)
+    again = Trainer(tiny(), "shakespeare", cfg, out_dir=tmp_path, resume="auto")
+    assert again.step == 1
+    with pytest.raises(ValueError, match="model config differs"):
+        Trainer(tiny(dim=64, n_heads=4), "shakespeare", cfg, out_dir=tmp_path, resume=True)
+
+
+def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
+    trainer = Trainer(tiny(), "shakespeare", TrainConfig(steps=4, **QUICK), out_dir=tmp_path)
+    trainer.fit(stop_at=2)
+    path = tmp_path / "checkpoint.pt"
+    before = train_mod.load_checkpoint(path)
+    assert before["step"] == 2
+
+    real_save = torch.save
+
+    def crash_midway(obj, fh, *args, **kwargs):
+        real_save(obj, fh, *args, **kwargs)
+        fh.seek(0)
+        fh.truncate(100)  # half-written file...
+        raise KeyboardInterrupt("power cut")  # ...and the process stops
+
+    monkeypatch.setattr(train_mod.torch, "save", crash_midway)
+    trainer.train_step()
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save()
+    monkeypatch.setattr(train_mod.torch, "save", real_save)
+
+    after = train_mod.load_checkpoint(path)  # still the complete step-2 checkpoint
+    assert after["step"] == 2
+    for k, v in before["model"].items():
+        assert torch.equal(v, after["model"][k])
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    resumed = Trainer(
+        tiny(), "shakespeare", TrainConfig(steps=4, **QUICK), out_dir=tmp_path, resume=True
+    )
+    assert resumed.step == 2
+
+
+# ---------------------------------------------------------------- state carried across segments
+class RecordingLM(nn.Module):
+    """Wraps a TitansLM and records whether each call received a carried state."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.cfg, self.calls = inner, inner.cfg, []
+
+    def forward(self, tokens, state=None):
+        if self.training:
+            self.calls.append(state is not None)
+        return self.inner(tokens, state)
+
+    def generate(self, *args, **kwargs):
+        return self.inner.generate(*args, **kwargs)
+
+
+def test_state_carried_within_an_excerpt_and_reset_at_the_next():
+    torch.manual_seed(0)
+    model = RecordingLM(TitansLM(tiny("swa")))
+    trainer = Trainer(model, "shakespeare", TrainConfig(steps=6, segments=3, eval_every=0, **QUICK))
+    trainer.fit()
+    assert model.calls == [False, True, True, False, True, True]
+    assert trainer.history[-1]["val_loss"] > 0
+
+
+# ---------------------------------------------------------------- tasks and other data
+def test_trains_on_a_task():
+    trainer = Trainer(
+        tiny(), "mqar", TrainConfig(steps=30, lr=3e-3, eval_every=30, log_every=10, **QUICK)
+    )
+    rows = trainer.fit()
+    assert trainer.task.name == "mqar" and trainer.task.kwargs["num_pairs"] == 2
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert 0.0 <= rows[-1]["val_acc"] <= 1.0 and "val_bpb" not in rows[-1]
+    with pytest.raises(ValueError, match="too short"):
+        Trainer(tiny(), "sniah_lite", TrainConfig(steps=1, **QUICK))
+
+
+def test_bpe_run_folder_keeps_its_tokenizer(tmp_path):
+    corpus = tmp_path / "texts"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"part{i}.txt").write_text(
+            f"Part {i}. " + "the quick brown fox jumps over the lazy dog. " * 300
+        )
+    run = tmp_path / "run"
+    cfg = TrainConfig(steps=3, tokenizer="bpe", bpe_vocab=300, **QUICK)
+    first = Trainer(tiny(), corpus, cfg, out_dir=run)
+    assert 256 < first.tokenizer.vocab_size <= 300  # a small text may run out of merges
+    assert first.raw_model.cfg.vocab_size == first.tokenizer.vocab_size  # model follows it
+    first.fit(stop_at=2)
+    assert (run / "tokenizer.json").is_file()
+    resumed = Trainer(tiny(), corpus, cfg, out_dir=run, resume=True)
+    text = "the lazy dog jumps"
+    assert resumed.tokenizer.encode(text) == first.tokenizer.encode(text)
+    resumed.fit()
+    assert resumed.step == 3
+
+
+# ---------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(steps=0), "steps"),
+        (dict(batch_size=-1), "batch_size"),
+        (dict(lr=0.0), "lr"),
+        (dict(segments=0), "segments"),
+        (dict(precision="fp8"), "precision"),
+        (dict(tokenizer="wordpiece"), "tokenizer"),
+        (dict(min_lr_ratio=2.0), "min_lr_ratio"),
+        (dict(seq_len=1), "seq_len"),
+    ],
+)
+def test_bad_train_config(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        Trainer(tiny(), "shakespeare", TrainConfig(**(QUICK | overrides)))
+
+
+def test_bad_trainer_arguments(tmp_path):
+    with pytest.raises(ValueError, match="unknown data"):
+        Trainer(tiny(), "shakespear", TrainConfig(**QUICK))
+    with pytest.raises(FileNotFoundError):
+        Trainer(tiny(), tmp_path / "missing.txt", TrainConfig(**QUICK))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="not writable"):
+        Trainer(tiny(), "shakespeare", TrainConfig(**QUICK), out_dir=blocker / "run")
+    with pytest.raises(ValueError, match="resume needs out_dir"):
+        Trainer(tiny(), "shakespeare", TrainConfig(**QUICK), resume=True)
+    with pytest.raises(TypeError):
+        Trainer("tiny", "shakespeare", TrainConfig(**QUICK))
+
+
+def _cli(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train_mod.main(args)
+    return exc.value.code, capsys.readouterr().err
+
+
+BASE = ["--preset", "tiny", "--variant", "transformer", "--steps", "2"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preset", "huge", "--variant", "mag", "--steps", "2"], "unknown preset 'huge'"),
+        (["--preset", "tiny", "--variant", "rnn", "--steps", "2"], "unknown variant 'rnn'"),
+        (BASE + ["--data", "wikipedia"], "unknown data 'wikipedia'"),
+        (BASE + ["--data", "nowhere/book.txt"], "does not exist"),
+        (BASE + ["--steps", "0"], "--steps must be >= 1"),
+        (BASE + ["--set", "dim=33"], "dim"),
+        (BASE + ["--set", "colour=3"], "unknown config field"),
+        (BASE + ["--batch-size", "0"], "batch_size"),
+    ],
+)
+def test_cli_errors_before_any_work(args, message, capsys, tmp_path):
+    code, err = _cli(args + ["--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and message in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_cli_out_dir_resume_device_errors(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, err = _cli(BASE + ["--out", str(blocker / "run")], capsys)
+    assert code == 2 and "not writable" in err
+    code, err = _cli(BASE + ["--out", str(tmp_path / "fresh"), "--resume"], capsys)
+    assert code == 2 and "no checkpoint.pt" in err
+    if not torch.cuda.is_available():
+        code, err = _cli(BASE + ["--out", str(tmp_path / "gpu"), "--device", "cuda"], capsys)
+        assert code == 2 and "cuda" in err
+    code, err = _cli(BASE + ["--out", str(tmp_path / "hf"), "--data", "tinystories"], capsys)
+    assert code == 2 and ("datasets" in err or "not reachable" in err)
+
+
+def test_cli_runs_and_resumes(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = BASE[:-1] + [
+        "4",
+        "--out",
+        str(out),
+        "--seq-len",
+        "32",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
+    assert train_mod.main(args + ["--stop-at", "2", "--sample-tokens", "0"]) == 0
+    assert [r["step"] for r in read_metrics(out)][-1] == 2
+    assert train_mod.main(args + ["--resume", "--sample-tokens", "0"]) == 0
+    rows = read_metrics(out)
+    assert rows[-1]["step"] == 4 and "val_loss" in rows[-1]
+    assert "step 4" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- torchrun / DDP
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo(tmp_path):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which(
+        "torchrun"
+    )
+    if torchrun is None:
+        pytest.skip("torchrun not found")
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [
+        torchrun, "--standalone", "--nproc_per_node=2", "-m", "titans_mini.train",
+        "--preset", "tiny", "--variant", "transformer", "--steps", "4", "--out", str(out),
+        "--device", "cpu", "--seq-len", "32", "--batch-size", "4", "--eval-every", "2",
+        "--log-every", "1", "--no-progress", "--sample-tokens", "0",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "world size 2" in proc.stdout
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # one writer: rank 0
+    assert "val_loss" in rows[1] and "val_loss" in rows[3]
+    ckpt = train_mod.load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["step"] == 4
+    config = json.loads((out / "config.json").read_text())
+    assert config["world_size"] == 2
