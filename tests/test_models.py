@@ -11,7 +11,7 @@ from titans_mini.models import PRESETS, VARIANTS, TitansConfig, TitansLM
 
 MEMORY_VARIANTS = ["mac", "mag", "mal", "lmm"]
 ATTENTION_VARIANTS = ["transformer", "swa"]
-T = 40  # > 2 segments of 16, 10 chunks of 4: crosses segment, window and chunk boundaries
+T = 36  # > 2 segments of 16, 9 chunks of 4: crosses segment, window and chunk boundaries
 
 
 def make(variant, dtype=torch.float64, seed=0, **overrides):
@@ -30,45 +30,44 @@ def tokens(batch=2, length=T, seed=1):
 # ---------------------------------------------------------------------------------------------
 
 
-def max_change_before(model, x, j, seed=5):
-    """Max |Δlogits| at positions < j and at position j after re-drawing tokens j.. ."""
+def perturb_from(x, j, seed=5):
+    """Re-draw every token at positions >= j (each one changes)."""
     g = torch.Generator().manual_seed(seed)
     x2 = x.clone()
     x2[:, j:] = (x[:, j:] + torch.randint(1, 256, x[:, j:].shape, generator=g)) % 256
-    with torch.no_grad():
-        a, _ = model(x)
-        b, _ = model(x2)
-    return (a[:, :j] - b[:, :j]).abs().max().item(), (a[:, j] - b[:, j]).abs().max().item()
+    return x2
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_causal(variant):
+    """Perturb tokens j.. : logits before j do not move, logits at j do; batch rows independent."""
     model = make(variant)
     x = tokens()
-    for j in (1, 6, 15, 16, 21, 33):  # inside and across segments / chunks / windows
-        before, at = max_change_before(model, x, j)
-        assert before < 1e-10, f"{variant}: positions < {j} moved by {before:.3g}"
-        assert at > 1e-6, f"{variant}: position {j} ignores its own token"
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_batch_elements_independent(variant):
-    model = make(variant)
-    x = tokens()
-    x2 = x.clone()
-    x2[1] = tokens(1, seed=9)[0]
     with torch.no_grad():
-        a, _ = model(x)
-        b, _ = model(x2)
-    assert (a[0] - b[0]).abs().max() < 1e-10
+        base, _ = model(x)
+        for j in (5, 16, 22, 33):  # inside and across segments / chunks / windows
+            other, _ = model(perturb_from(x, j))
+            before = (other[:, :j] - base[:, :j]).abs().max().item()
+            at = (other[:, j] - base[:, j]).abs().max().item()
+            assert before < 1e-10, f"{variant}: positions < {j} moved by {before:.3g}"
+            assert at > 1e-6, f"{variant}: position {j} ignores its own token"
+        x2 = x.clone()
+        x2[1] = tokens(1, seed=9)[0]  # a different sequence in batch row 1 only
+        other, _ = model(x2)
+    assert (other[0] - base[0]).abs().max() < 1e-10, f"{variant}: batch rows interact"
 
 
 def test_mac_as_written_leaks():
     """MAC exactly as the paper writes it (full h visible, read after the segment's write)."""
     model = make("mac", mac_causal=False)
     x = tokens()
-    worst = max(max_change_before(model, x, j)[0] for j in (5, 21, 33))
-    assert worst > 1e-6, "MAC-as-written should leak future tokens into earlier outputs"
+    with torch.no_grad():
+        base, _ = model(x)
+        other, _ = model(perturb_from(x, 22))
+    leak = (other[:, :22] - base[:, :22]).abs().max().item()
+    assert leak > 1e-6, "MAC-as-written should leak future tokens into earlier outputs"
+    # ... into the earlier tokens of the same segment (16..21), not into the finished segment
+    assert (other[:, :16] - base[:, :16]).abs().max() < 1e-10
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,37 +85,31 @@ def run_in_pieces(model, x, cuts):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_streaming_at_chunk_and_segment_boundaries(variant):
+def test_streaming_equals_one_call(variant):
+    """model(x) == model(x[:, :n]) then model(x[:, n:], state): at chunk/segment boundaries and,
+    since every state is carried exactly, at any n (token by token for the attention baselines)."""
     model = make(variant)
-    x = tokens()
-    with torch.no_grad():
-        full, state = model(x)
-        for cuts in ([16], [4, 20], [8, 16, 32]):
-            pieces, st = run_in_pieces(model, x, cuts)
-            torch.testing.assert_close(pieces, full, rtol=1e-9, atol=1e-10)
-            assert st.pos == state.pos == T
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_streaming_at_any_position(variant):
-    model = make(variant)
-    x = tokens(length=23)
+    x = tokens(length=36)
+    cut_sets = [[16], [4, 20], [3, 10, 17, 33]]
+    if variant in ATTENTION_VARIANTS:
+        cut_sets.append(list(range(1, 36)))
     with torch.no_grad():
         full, _ = model(x)
-        for cuts in ([1], [7], [3, 10, 17], list(range(1, 23))):
-            pieces, _ = run_in_pieces(model, x, cuts)
+        for cuts in cut_sets:
+            pieces, state = run_in_pieces(model, x, cuts)
             torch.testing.assert_close(pieces, full, rtol=1e-9, atol=1e-10)
+            assert state.pos == 36
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_greedy_generate_matches_full_forward(variant):
     model = make(variant)
-    prompt = tokens(2, 5)
-    out = model.generate(prompt, 20, temperature=0)  # crosses chunk and segment boundaries
-    assert out.shape == (2, 25) and torch.equal(out[:, :5], prompt)
+    prompt = tokens(2, 6)
+    out = model.generate(prompt, 13, temperature=0)  # crosses chunk and segment boundaries
+    assert out.shape == (2, 19) and torch.equal(out[:, :6], prompt)
     seq = prompt
     with torch.no_grad():
-        for _ in range(20):
+        for _ in range(13):
             logits, _ = model(seq)
             seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, seq)
@@ -142,11 +135,11 @@ def test_generate_sampling_options():
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_gradients_finite_and_loss_decreases(variant):
     model = make(variant, dtype=torch.float32)
-    pattern = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8])
-    x = pattern.repeat(4)[None].repeat(2, 1)  # (2, 48) repeated pattern
+    pattern = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])
+    x = pattern.repeat(4)[None].repeat(2, 1)  # (2, 32) repeated pattern
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
-    for step in range(8):
+    for step in range(6):
         logits, _ = model(x[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), x[:, 1:].reshape(-1))
         opt.zero_grad()
