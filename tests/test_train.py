@@ -79,21 +79,22 @@ def test_sample_at_the_end(tmp_path):
 
 
 # ---------------------------------------------------------------- resume
-@pytest.mark.parametrize("segments", [1, 2])
-def test_resume_matches_uninterrupted(tmp_path, segments):
-    """Stop after k = 5 steps (mid-excerpt when segments = 2), resume, train to 2k = 10: the
-    parameters, optimiser and logged losses equal an uninterrupted run's."""
+@pytest.mark.parametrize("variant, segments", [("transformer", 1), ("transformer", 2), ("mag", 2)])
+def test_resume_matches_uninterrupted(tmp_path, variant, segments):
+    """Stop after k = 5 steps (mid-excerpt when segments = 2: the carried attention cache or
+    memory state must be restored), resume, train to 2k = 10: the parameters and the logged
+    losses equal an uninterrupted run's."""
     cfg = TrainConfig(steps=10, lr=3e-3, eval_every=4, log_every=1, segments=segments, **QUICK)
-    full = Trainer(tiny(), "shakespeare", cfg, out_dir=tmp_path / "full")
+    full = Trainer(tiny(variant), "shakespeare", cfg, out_dir=tmp_path / "full")
     full.fit()
 
-    part = Trainer(tiny(), "shakespeare", cfg, out_dir=tmp_path / "part")
+    part = Trainer(tiny(variant), "shakespeare", cfg, out_dir=tmp_path / "part")
     part.fit(stop_at=5)
     assert part.step == 5
     if segments == 2:
         assert part.state is not None  # the carried state is part of the checkpoint
     torch.manual_seed(1234)  # the resumed run must not depend on the global RNG at start
-    resumed = Trainer(tiny(), "shakespeare", cfg, out_dir=tmp_path / "part", resume=True)
+    resumed = Trainer(tiny(variant), "shakespeare", cfg, out_dir=tmp_path / "part", resume=True)
     assert resumed.step == 5
     resumed.fit()
 
@@ -311,6 +312,9 @@ def test_cli_runs_and_resumes(tmp_path, capsys):
 # ---------------------------------------------------------------- torchrun / DDP
 @pytest.mark.slow
 def test_torchrun_two_processes_gloo(tmp_path):
+    """`torchrun --nproc_per_node=2` on the CPU (gloo): a Titans variant with its state carried
+    across segments (so some parameters get no gradient on some steps) trains a few steps.
+    Select with `pytest -m slow` or `-k torchrun`."""
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which(
         "torchrun"
     )
@@ -320,8 +324,8 @@ def test_torchrun_two_processes_gloo(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [
         torchrun, "--standalone", "--nproc_per_node=2", "-m", "titans_mini.train",
-        "--preset", "tiny", "--variant", "transformer", "--steps", "4", "--out", str(out),
-        "--device", "cpu", "--seq-len", "32", "--batch-size", "4", "--eval-every", "2",
+        "--preset", "tiny", "--variant", "mac", "--steps", "4", "--out", str(out),
+        "--device", "cpu", "--seq-len", "32", "--segments", "2", "--batch-size", "4", "--eval-every", "2",
         "--log-every", "1", "--no-progress", "--sample-tokens", "0",
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)

@@ -508,7 +508,11 @@ class Trainer:
         self.model: nn.Module = self.raw_model
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(self.raw_model, device_ids=ids)
+            # with a carried state some parameters (e.g. the memory's initial weights M₀,
+            # persistent tokens written at sequence start) get no gradient on later segments
+            self.model = nn.parallel.DistributedDataParallel(
+                self.raw_model, device_ids=ids, find_unused_parameters=cfg.segments > 1
+            )
         if cfg.compile:
             self.model = torch.compile(self.model)
 
