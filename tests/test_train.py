@@ -287,6 +287,12 @@ def test_cli_out_dir_resume_device_errors(capsys, tmp_path):
         assert code == 2 and "cuda" in err
     code, err = _cli(BASE + ["--out", str(tmp_path / "hf"), "--data", "tinystories"], capsys)
     assert code == 2 and ("datasets" in err or "not reachable" in err)
+    # resuming with another model shape: caught by the trainer, reported as a usage error
+    run = tmp_path / "run"
+    args = BASE + ["--out", str(run), "--seq-len", "32", "--no-progress", "--sample-tokens", "0"]
+    assert train_mod.main(args + ["--stop-at", "1"]) == 0
+    code, err = _cli(args + ["--resume", "--set", "dim=64"], capsys)
+    assert code == 2 and "model config differs" in err
 
 
 def test_cli_runs_and_resumes(tmp_path, capsys):

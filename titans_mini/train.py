@@ -938,9 +938,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, data_mod.CorpusUnavailableError) as err:
         parser.error(str(err))
 
-    trainer = Trainer(
-        model_cfg, data=args.data, config=train_cfg, out_dir=args.out, resume=args.resume
-    )
+    try:
+        trainer = Trainer(
+            model_cfg, data=args.data, config=train_cfg, out_dir=args.out, resume=args.resume
+        )
+    except (ValueError, FileNotFoundError, data_mod.CorpusUnavailableError) as err:
+        parser.error(str(err))
     try:
         if trainer.is_main:
             n = sum(p.numel() for p in trainer.raw_model.parameters())
