@@ -14,6 +14,8 @@ from titans_mini.functional import (
     associative_loss,
     chunk_coefficients,
     chunk_coefficients_recurrence,
+    gelu_derivative,
+    layer_norm_backward,
     linear_memory_chunk,
     memory_backward,
     memory_forward,
@@ -218,3 +220,16 @@ def test_linear_closed_forms_match_loop(no_momentum):
         Y10 = (Q @ W0.transpose(-1, -2)) * beta[..., None] - (D * (K @ Q.transpose(-1, -2))
                                                               ).transpose(-1, -2) @ R
         torch.testing.assert_close(Y, Y10, rtol=1e-12, atol=1e-12)
+
+
+def test_explicit_gelu_and_layer_norm_backward_match_fused_kernels():
+    """The spelled-out formulas (used in the lessons) equal the fused kernels the layer uses."""
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(4, 6, generator=g, dtype=DT)
+    up = torch.randn(4, 6, generator=g, dtype=DT)
+    torch.testing.assert_close(up * gelu_derivative(z), torch.ops.aten.gelu_backward(up, z))
+    zr = z.clone().requires_grad_(True)
+    (F.layer_norm(zr, (6,), eps=1e-5) * up).sum().backward()
+    mean, var = z.mean(-1, keepdim=True), z.var(-1, unbiased=False, keepdim=True)
+    rstd = torch.rsqrt(var + 1e-5)
+    torch.testing.assert_close(layer_norm_backward(up, (z - mean) * rstd, rstd), zr.grad)

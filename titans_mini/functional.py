@@ -92,7 +92,7 @@ def memory_forward(weights: tuple[Tensor, ...] | list[Tensor], x: Tensor, kind: 
 
     Returns ``out`` (..., n, d), or ``(out, cache)`` when ``keep`` — the cache holds, per layer,
     the layer input X^{(l)} and what the hand-written backward needs (GELU pre-activations,
-    the LayerNorm output and 1/σ). Matmul outputs are cast to the weights' dtype, so under
+    the LayerNorm input, mean and 1/σ). Matmul outputs are cast to the weights' dtype, so under
     autocast the matmuls may run in bf16 while the element-wise maths stays in fp32.
     """
     if kind not in MEMORY_KINDS:
@@ -111,12 +111,11 @@ def memory_forward(weights: tuple[Tensor, ...] | list[Tensor], x: Tensor, kind: 
             h = z
     cache = {"inputs": inputs, "pre": pre}
     if kind == "residual_ln":
-        mean = h.mean(-1, keepdim=True)
-        centred = h - mean
-        rstd = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + LN_EPS)
-        normalized = centred * rstd
+        # u = (z − mean z) / sqrt(var z + ε), non-affine; one fused kernel (it has a double
+        # backward, which the outer loop needs)
+        normalized, mean, rstd = torch.native_layer_norm(h, [h.shape[-1]], None, None, LN_EPS)
         out = x.to(normalized.dtype) + normalized
-        cache["ln"] = (normalized, rstd)
+        cache["ln"] = (h, mean, rstd)
     else:
         out = h
     return (out, cache) if keep else out
@@ -130,20 +129,26 @@ def memory_backward(weights: tuple[Tensor, ...] | list[Tensor], cache: dict,
     the *summed* loss Σ_s ℓ_s at row s is token s's own δ_s (reference §3.6), and the gradient of
     ℓ_s w.r.t. W_l is the outer product δ_s^{(l)} x_s^{(l)ᵀ} (eq. 18) — which we never form.
 
-    Written with ordinary tensor ops, so autograd can differentiate *through* it: that is how the
-    outer loss reaches W_K, W_V, the gates and M₀ via the inner updates.
+        last layer:   δ^{(L)} = LN'(z^{(L)})ᵀ grad_out        (residual-LN; = grad_out otherwise)
+        hidden layer: δ^{(l)} = (δ^{(l+1)} W_{l+1}) ⊙ GELU'(z^{(l)})
+
+    LN' and GELU' use PyTorch's fused backward kernels (:func:`layer_norm_backward` and
+    :func:`gelu_derivative` spell out the same maths and are tested equal). Everything is an
+    ordinary differentiable op, so autograd can differentiate *through* this backward: that is
+    how the outer loss reaches W_K, W_V, the gates and M₀ via the inner updates.
     Returns a list of (..., n, out_l) tensors, in layer order.
     """
     n_layers = len(weights)
     if "ln" in cache:
-        normalized, rstd = cache["ln"]
-        delta = layer_norm_backward(grad_out, normalized, rstd)
+        z, mean, rstd = cache["ln"]
+        delta = torch.ops.aten.native_layer_norm_backward(
+            grad_out, z, [z.shape[-1]], mean, rstd, None, None, [True, False, False])[0]
     else:
         delta = grad_out
     deltas = [delta]
     for layer in range(n_layers - 1, 0, -1):
         back = torch.matmul(delta, weights[layer]).to(weights[layer].dtype)  # (..., n, in_layer)
-        delta = back * gelu_derivative(cache["pre"][layer - 1])
+        delta = torch.ops.aten.gelu_backward(back, cache["pre"][layer - 1])  # back ⊙ GELU'(z)
         deltas.append(delta)
     return deltas[::-1]
 

@@ -118,6 +118,23 @@ def clip_factor(grad_norm: Tensor, max_norm: float | None) -> Tensor | None:
     return (max_norm / (grad_norm + 1e-6)).clamp(max=1.0)
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # older torch: no device argument
+        return torch.is_autocast_enabled() if device_type == "cuda" else \
+            torch.is_autocast_cpu_enabled()
+
+
+def _sub_matmul(base: Tensor, a: Tensor, x: Tensor) -> Tensor:
+    """base − aᵀ x for batched a (N, n, out), x (N, n, in), base (N, out, in): one fused baddbmm.
+
+    Under autocast the product may run in low precision; the state keeps base's dtype."""
+    if _autocast_enabled(base.device.type) or a.dtype != base.dtype or x.dtype != base.dtype:
+        return base - torch.matmul(a.transpose(-1, -2), x).to(base.dtype)
+    return torch.baddbmm(base, a.transpose(-1, -2), x, alpha=-1.0)
+
+
 def _logit(p: float) -> float:
     return math.log(p / (1.0 - p))
 
@@ -444,21 +461,15 @@ class NeuralMemory(nn.Module):
         Returns (W_end, S_end, reads (N, m, d) or None, surprise (N, n) or None,
         grad_norm (N, n) or None).
 
-        1. forward M at Φ_start on [keys; queries]  (query rows = the reads, D5)
+        1. forward M at Φ_start on the keys (kept for the backward) and on the queries (the
+           reads, D5)
         2. δ^{(l)} of L = Σ_s ½‖M(k_s) − v_s‖² w.r.t. every pre-activation: one hand-written
            backward (the row-s δ is token s's own δ_s)
-        3. per layer: Φ_end = AΦ + BS − (c ⊙ Δ)ᵀX,  S_end = E S − (d ⊙ Δ)ᵀX   (eqs. 14, 15, 19),
-           both from one batched matmul: [c ⊙ Δ | d ⊙ Δ]ᵀ X.
+        3. per layer: Φ_end = AΦ + BS − (c ⊙ Δ)ᵀX,  S_end = E S − (d ⊙ Δ)ᵀX   (eqs. 14, 15, 19)
         """
-        n = keys.shape[1]
-        inp = keys if queries is None else torch.cat([keys, queries], 1)
-        out, cache = memory_forward(W, inp, self.kind, keep=True)
-        reads = None if queries is None else out[:, n:]
-        if queries is not None:  # keep only the key rows for the backward
-            cache = {"inputs": [t[:, :n] for t in cache["inputs"]],
-                     "pre": [t[:, :n] for t in cache["pre"]],
-                     **({"ln": tuple(t[:, :n] for t in cache["ln"])} if "ln" in cache else {})}
-        err = out[:, :n] - values  # ∂ℓ_s/∂M(k_s), (N, n, d)
+        out, cache = memory_forward(W, keys, self.kind, keep=True)
+        reads = None if queries is None else memory_forward(W, queries, self.kind)
+        err = out - values  # ∂ℓ_s/∂M(k_s), (N, n, d)
         deltas = memory_backward(W, cache, err)  # δ^{(l)}: (N, n, out_l)
         xs = cache["inputs"]  # X^{(l)}: (N, n, in_l)
         c, d, A, B, E = coeffs
@@ -475,11 +486,9 @@ class NeuralMemory(nn.Module):
         W_new, S_new = [], []
         for layer, (w, s, dl, xl) in enumerate(zip(W, S, deltas, xs)):
             j = layer if c.shape[-1] > 1 else 0
-            out_l = w.shape[-2]
-            weighted = torch.cat([dl * c[..., j, None], dl * d[..., j, None]], -1)  # (N, n, 2·out)
-            upd = torch.matmul(weighted.transpose(-1, -2), xl).to(w.dtype)  # (N, 2·out, in)
-            W_new.append(A * w + B * s - upd[:, :out_l])
-            S_new.append(E * s - upd[:, out_l:])
+            # Σ_s c_s δ_s x_sᵀ = (c ⊙ Δ)ᵀ X: one batched matmul, fused with the decay terms
+            W_new.append(_sub_matmul(torch.addcmul(A * w, B, s), dl * c[..., j, None], xl))
+            S_new.append(_sub_matmul(E * s, dl * d[..., j, None], xl))
         return W_new, S_new, reads, surprise, grad_norm
 
     def _coefficients(self, logits: Tensor):
@@ -530,30 +539,29 @@ class NeuralMemory(nn.Module):
         BH = B * H
         W = [w.reshape(BH, *w.shape[2:]) for w in state.weights]
         S = [s.reshape(BH, *s.shape[2:]) for s in state.momentum]
-        # queries on the aligned stream: the P pending positions have already been read
-        q_rows = q.reshape(BH, T, d)
         reads, surprise, grad_norm = [], [], []
         if n_chunks:
             c, dd, A, Bc, E = self._coefficients(self._pool_gate_logits(raw_logits[:, :, :full]))
-            c, dd = c.reshape(BH, n_chunks, b, -1), dd.reshape(BH, n_chunks, b, -1)
-            A, Bc, E = (t.reshape(BH, n_chunks).to(wdtype) for t in (A, Bc, E))
-            k_rows = keys[:, :, :full].reshape(BH, full, d)
-            v_rows = values[:, :, :full].reshape(BH, full, d)
+            # split everything into chunks once (unbind: no per-chunk slicing in the backward)
+            per_chunk = lambda t: t.reshape(BH, n_chunks, *t.shape[3:]).to(wdtype).unbind(1)
+            c, dd, A, Bc, E = (per_chunk(t) for t in (c, dd, A, Bc, E))
+            k_chunks = per_chunk(keys[:, :, :full].reshape(B, H, n_chunks, b, d))
+            v_chunks = per_chunk(values[:, :, :full].reshape(B, H, n_chunks, b, d))
+            # queries aligned with the stream; the P pending positions were read by an earlier call
+            q_al = q[:, :, : full - P] if P == 0 else torch.cat(
+                [q.new_zeros(B, H, P, d), q[:, :, : max(full - P, 0)]], 2)
+            q_chunks = q_al.reshape(BH, n_chunks, b, d).unbind(1)
             for i in range(n_chunks):
-                lo, hi = i * b, (i + 1) * b
-                qlo = max(lo - P, 0)  # query rows of this chunk (new tokens only)
-                qi = q_rows[:, qlo: hi - P] if hi > P else None
                 W, S, r, sur, gn = self._chunk_step(
-                    W, S, k_rows[:, lo:hi], v_rows[:, lo:hi], qi,
-                    (c[:, i].to(wdtype), dd[:, i].to(wdtype), A[:, i], Bc[:, i], E[:, i]),
-                    need_stats)
-                if r is not None:
-                    reads.append(r)
+                    W, S, k_chunks[i], v_chunks[i], q_chunks[i],
+                    (c[i], dd[i], A[i], Bc[i], E[i]), need_stats)
+                skip = P if i == 0 else 0  # pending rows: read and reported by an earlier call
+                reads.append(r[:, skip:] if skip else r)
                 if need_stats:
-                    surprise.append(sur[:, P - lo:] if lo < P else sur)
-                    grad_norm.append(gn[:, P - lo:] if lo < P else gn)
+                    surprise.append(sur[:, skip:])
+                    grad_norm.append(gn[:, skip:])
         # the unfinished chunk: its new tokens read the current state; it is not written yet
-        rest_q = q_rows[:, max(full - P, 0):]
+        rest_q = q.reshape(BH, T, d)[:, max(full - P, 0):]
         if rest_q.shape[1]:
             if need_stats:
                 kr = keys[:, :, full:].reshape(BH, N - full, d)
