@@ -179,6 +179,28 @@ def test_state_carried_within_an_excerpt_and_reset_at_the_next():
     assert trainer.history[-1]["val_loss"] > 0
 
 
+class BigramLM(nn.Module):
+    """A stand-in model with no state: forward(tokens) returns only logits."""
+
+    def __init__(self, vocab=256):
+        super().__init__()
+        self.table = nn.Embedding(vocab, vocab)
+
+    def forward(self, tokens, state=None):
+        return self.table(tokens)
+
+
+def test_any_module_that_returns_logits():
+    torch.manual_seed(0)
+    trainer = Trainer(
+        BigramLM(), "shakespeare", TrainConfig(steps=30, lr=0.1, log_every=10, **QUICK)
+    )
+    rows = trainer.fit()
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.5
+    with pytest.raises(ValueError, match="vocabulary"):
+        Trainer(BigramLM(vocab=100), "shakespeare", TrainConfig(**QUICK))
+
+
 # ---------------------------------------------------------------- tasks and other data
 def test_trains_on_a_task():
     trainer = Trainer(
