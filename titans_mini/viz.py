@@ -268,3 +268,49 @@ def momentum_forgetting_explorer(
     ui = widgets.VBox([widgets.HBox([theta_w, eta_w, alpha_w]), out])
     display(ui)
     return ui
+
+
+# --- lessons 05-07 ---------------------------------------------------------------------------
+# (helpers used by notebooks 05-07; maintained with those lessons)
+
+
+def plot_text_heat(
+    text: str,
+    values,
+    *,
+    title: str,
+    colorbar_label: str,
+    width: int = 64,
+    cmap: str = "viridis",
+    ax=None,
+):
+    """Characters of ``text`` in rows of ``width``, each cell coloured by its value in ``values``.
+
+    ``values`` has one number per character (e.g. per-token surprise of a byte-level model).
+    Newlines are shown as "⏎" and break nothing, so the grid keeps its shape.
+    """
+    vals = to_numpy(values).reshape(-1)
+    if len(vals) != len(text):
+        raise ValueError(f"need one value per character: {len(text)} characters, {len(vals)} values")
+    rows = -(-len(text) // width)
+    grid = np.full(rows * width, np.nan)
+    grid[: len(vals)] = vals
+    grid = grid.reshape(rows, width)
+    ax = _new_ax(ax, figsize=(min(0.2 * width + 1.5, 15), 0.32 * rows + 1.0))
+    im = ax.imshow(grid, cmap=cmap, aspect="auto", interpolation="nearest")
+    lo, hi = np.nanmin(vals), np.nanmax(vals)
+    for i, ch in enumerate(text):
+        r, c = divmod(i, width)
+        shown = "⏎" if ch == "\n" else ch
+        bright = (vals[i] - lo) / (hi - lo + 1e-12) > 0.6
+        ax.text(c, r, shown, ha="center", va="center", fontsize=7, family="monospace",
+                color="black" if bright else "white")
+    ax.set_xticks([])
+    ax.set_yticks(range(rows))
+    ax.set_yticklabels([str(r * width) for r in range(rows)], fontsize=7)
+    ax.set_ylabel("character index")
+    ax.set_xlabel(f"position in the row ({width} characters per row)")
+    ax.set_title(title)
+    cb = ax.figure.colorbar(im, ax=ax, fraction=0.025, pad=0.01)
+    cb.set_label(colorbar_label)
+    return ax
