@@ -341,8 +341,8 @@ def test_cli_runs_and_resumes(tmp_path, capsys):
 @pytest.mark.slow
 def test_torchrun_two_processes_gloo(tmp_path):
     """`torchrun --nproc_per_node=2` on the CPU (gloo): a Titans variant with its state carried
-    across segments (so some parameters get no gradient on some steps) trains a few steps.
-    Select with `pytest -m slow` or `-k torchrun`."""
+    across segments (so some parameters get no gradient on some steps) trains, stops
+    mid-excerpt, and resumes. Select with `pytest -m slow` or `-k torchrun`."""
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which(
         "torchrun"
     )
@@ -353,16 +353,22 @@ def test_torchrun_two_processes_gloo(tmp_path):
     cmd = [
         torchrun, "--standalone", "--nproc_per_node=2", "-m", "titans_mini.train",
         "--preset", "tiny", "--variant", "mac", "--steps", "4", "--out", str(out),
-        "--device", "cpu", "--seq-len", "32", "--segments", "2", "--batch-size", "4", "--eval-every", "2",
-        "--log-every", "1", "--no-progress", "--sample-tokens", "0",
+        "--device", "cpu", "--seq-len", "32", "--segments", "2", "--batch-size", "4",
+        "--eval-every", "2", "--log-every", "1", "--no-progress", "--sample-tokens", "0",
     ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        cmd + ["--stop-at", "3"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "world size 2" in proc.stdout
+    assert train_mod.load_checkpoint(out / "checkpoint.pt")["step"] == 3
+    # step 3 is the middle of an excerpt: rank 1 kept its own carried state
+    assert train_mod.load_checkpoint(out / "carried_state.rank1.pt")["step"] == 3
+    proc = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # one writer: rank 0
     assert "val_loss" in rows[1] and "val_loss" in rows[3]
-    ckpt = train_mod.load_checkpoint(out / "checkpoint.pt")
-    assert ckpt["step"] == 4
+    assert train_mod.load_checkpoint(out / "checkpoint.pt")["step"] == 4
     config = json.loads((out / "config.json").read_text())
     assert config["world_size"] == 2

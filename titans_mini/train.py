@@ -412,6 +412,10 @@ class Trainer:
             raise ValueError(f"resume must be True, False or 'auto', got {resume!r}")
         if resume and out_dir is None:
             raise ValueError("resume needs out_dir (the run folder holding checkpoint.pt)")
+        if not (_is_config(model) or isinstance(model, nn.Module)):
+            raise TypeError(
+                f"model must be a TitansConfig or an nn.Module, got {type(model).__name__}"
+            )
         check_data(data)
         self.cfg = cfg
         self.rank, self.local_rank, self.world_size = _world()
@@ -468,17 +472,13 @@ class Trainer:
             self.model_config = model_cfg
             torch.manual_seed(cfg.seed)
             model = TitansLM(model_cfg)
-        elif isinstance(model, nn.Module):
+        else:
             self.model_config = getattr(model, "cfg", None)
             if self.text is not None and _module_vocab(model) < self.text.vocab_size:
                 raise ValueError(
                     f"the model's vocabulary ({_module_vocab(model)}) is smaller than the "
                     f"tokenizer's ({self.text.vocab_size})"
                 )
-        else:
-            raise TypeError(
-                f"model must be a TitansConfig or an nn.Module, got {type(model).__name__}"
-            )
         self.seq_len = cfg.seq_len or getattr(self.model_config, "seq_len", None) or 256
         self.raw_model = model.to(self.device)
 
@@ -578,8 +578,17 @@ class Trainer:
         }
 
     def save(self) -> Path | None:
-        """Write ``checkpoint.pt`` atomically (rank 0 only; no-op without ``out_dir``)."""
-        if self.out_dir is None or not self.is_main:
+        """Write ``checkpoint.pt`` atomically (rank 0; no-op without ``out_dir``).
+
+        Under DDP with a carried state, every other rank writes its own carried state (its rows
+        differ) to ``carried_state.rank{r}.pt`` so that it too resumes mid-excerpt exactly.
+        """
+        if self.out_dir is None:
+            return None
+        if not self.is_main:
+            if self.state is not None:
+                extra = {"step": self.step, "carried_state": self.state}
+                save_checkpoint(extra, self.out_dir / f"carried_state.rank{self.rank}.pt")
             return None
         path = self.out_dir / CHECKPOINT
         save_checkpoint(self.state_dict(), path)
@@ -608,6 +617,13 @@ class Trainer:
         _set_rng_state(ckpt["rng"])
         self.step = int(ckpt["step"])
         self.state = ckpt.get("carried_state")
+        if not self.is_main:
+            self.state = None
+            own = self.out_dir / f"carried_state.rank{self.rank}.pt"
+            if own.is_file():
+                extra = load_checkpoint(own, map_location=self.device)
+                if extra["step"] == self.step:
+                    self.state = extra["carried_state"]
         if self.out_dir is not None and self.is_main:
             # drop metrics logged after the checkpoint: they will be produced again
             rows = _read_metrics(self.out_dir / METRICS)
