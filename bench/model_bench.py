@@ -142,10 +142,15 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, help="override the number of timed steps")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--amp", action="store_true", help="CUDA autocast (bf16 on >= sm80, else fp16)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads for the CPU (default: torch's)")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: child process
     args = p.parse_args(argv)
     kind = "cuda" if args.device.startswith("cuda") else "cpu"
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.one:  # child: exactly one preset and variant, JSON on stdout
         preset, variant = args.presets[0], args.variants[0]
         batch, seq_len, steps = DEFAULTS.get((preset, kind), (4, 128, 3))
@@ -169,6 +174,8 @@ def main(argv=None) -> None:
                     cmd += [flag, str(value)]
             if args.amp:
                 cmd.append("--amp")
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode or not lines:

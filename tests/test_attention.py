@@ -156,3 +156,18 @@ def test_bad_construction():
         Attention(10, 3)
     with pytest.raises(ValueError):
         Attention(8, 2, window=0)
+
+
+def test_recorded_weights():
+    torch.manual_seed(5)
+    attn = Attention(16, 2, window=3)
+    x, prefix = torch.randn(1, 6, 16), PersistentMemory(2, 16)(1)
+    y, _ = attn(x, prefix=prefix)
+    attn.record_weights = True
+    y2, _ = attn(x, prefix=prefix)
+    torch.testing.assert_close(y2, y)
+    w = attn.last_weights  # (B, H, T, N_p + T)
+    assert w.shape == (1, 2, 6, 8)
+    torch.testing.assert_close(w.sum(-1), torch.ones(1, 2, 6))
+    assert (w[..., :2] > 0).all()  # persistent tokens always visible
+    assert (w[:, :, 5, 2:5] == 0).all()  # token 5 sees only tokens 3, 4, 5 (window 3)

@@ -85,6 +85,7 @@ class KVCache:
     key_pos:  (L,) absolute position of each cached key (shared by the batch).
     always:   (L,) bool, key visible to every later query (MAC-as-written context rows).
     pos:      number of tokens consumed so far = absolute position of the next token.
+    has_context: whether context rows were ever added (then positions repeat).
     """
 
     k: Tensor
@@ -92,6 +93,7 @@ class KVCache:
     key_pos: Tensor
     always: Tensor
     pos: int
+    has_context: bool = False
 
     @property
     def length(self) -> int:
@@ -176,6 +178,10 @@ class Attention(nn.Module):
         self.wk = nn.Linear(dim, dim, bias=False)
         self.wv = nn.Linear(dim, dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
+        # lessons: set record_weights = True to keep the attention probabilities of the last call
+        # in last_weights (B, H, T, N_p + L), keys ordered [P ‖ cached ‖ context rows ‖ tokens]
+        self.record_weights = False
+        self.last_weights: Tensor | None = None
 
     def _heads(self, x: Tensor) -> Tensor:
         """(B, T, d) -> (B, H, T, d_h)."""
@@ -228,9 +234,10 @@ class Attention(nn.Module):
         else:
             key_pos, always = new_pos, new_always
 
+        has_context = context is not None or (cache is not None and cache.has_context)
         n_p = 0 if prefix is None else prefix.shape[1]
-        plain_causal = n_p == 0 and k.shape[2] == T and self.window is None and not always.any()
-        if plain_causal:  # fast path: FlashAttention-able
+        plain_causal = n_p == 0 and context is None and k.shape[2] == T and self.window is None
+        if plain_causal and not self.record_weights:  # fast path: FlashAttention-able
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             kk, vv = k, v
@@ -238,15 +245,25 @@ class Attention(nn.Module):
                 kp, vp = self._heads(self.wk(prefix)), self._heads(self.wv(prefix))
                 kk, vv = torch.cat([kp, k], dim=2), torch.cat([vp, v], dim=2)
             mask = attention_mask(positions, key_pos, always, self.window, n_p)  # (T, N_p + L)
-            y = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+            if self.record_weights:  # explicit softmax(q kᵀ/√d_h) so the weights can be kept
+                scores = (q @ kk.transpose(-1, -2)) / self.head_dim**0.5
+                weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+                self.last_weights = weights.detach()
+                y = weights @ vv
+            else:
+                y = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
         y = self.wo(y.transpose(1, 2).reshape(B, T, self.dim))  # (B, T, d)
 
         # keep only the keys a later query (position >= start + T) can still see: the last w − 1
-        if self.window is not None:
-            keep = always | (key_pos > start + T - self.window)
-            if not bool(keep.all()):
+        if self.window is not None and k.shape[2] > self.window - 1:
+            if not has_context:
+                # plain tokens only: the keys are the consecutive positions up to start + T − 1
+                k, v = k[:, :, k.shape[2] - (self.window - 1):], v[:, :, v.shape[2] - (self.window - 1):]
+                key_pos, always = key_pos[len(key_pos) - (self.window - 1):], always[len(always) - (self.window - 1):]
+            else:
+                keep = always | (key_pos > start + T - self.window)
                 k, v, key_pos, always = k[:, :, keep], v[:, :, keep], key_pos[keep], always[keep]
-        return y, KVCache(k=k, v=v, key_pos=key_pos, always=always, pos=start + T)
+        return y, KVCache(k, v, key_pos, always, pos=start + T, has_context=has_context)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, n_heads={self.n_heads}, window={self.window}"

@@ -441,6 +441,22 @@ class TitansState:
     layers: list
     pos: int
 
+    def detach(self) -> TitansState:
+        """A copy cut from the autograd graph (truncated back-propagation through time)."""
+
+        def cut(obj):
+            if isinstance(obj, Tensor):
+                return obj.detach()
+            if isinstance(obj, (list, tuple)):
+                return type(obj)(cut(o) for o in obj)
+            if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+                return dataclasses.replace(
+                    obj, **{f.name: cut(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+                )
+            return obj
+
+        return cut(self)
+
 
 class TitansLM(nn.Module):
     """A byte/token language model: embedding → blocks → RMSNorm → logits.
