@@ -335,3 +335,172 @@ register(
     atol=1e-8,
     rtol=1e-6,
 )
+
+
+# ============================================================================ lesson 07: the memory layer
+
+from torch import nn  # noqa: E402
+
+# --- 07.1 the causal depthwise convolution
+
+
+def _causal_conv_ref(x, weight):
+    # x (B, T, C), weight (C, K): y_t = sum_j weight[:, j] * x_{t-K+1+j}, zeros before the start
+    K = weight.shape[-1]
+    padded = F.pad(x.transpose(1, 2), (K - 1, 0))  # (B, C, K-1+T)
+    return F.conv1d(padded, weight.unsqueeze(1), groups=x.shape[-1]).transpose(1, 2)
+
+
+def _causal_conv_cases(gen):
+    return [
+        Case("B=2, T=10, C=6, kernel 4", (torch.randn(2, 10, 6, generator=gen), torch.randn(6, 4, generator=gen))),
+        Case("sequence shorter than the kernel (T=2)",
+             (torch.randn(1, 2, 3, generator=gen), torch.randn(3, 4, generator=gen))),
+        Case("kernel 1 (a per-channel scale)", (torch.randn(2, 5, 4, generator=gen), torch.randn(4, 1, generator=gen))),
+        Case("the identity kernel [0, 0, 0, 1]",
+             (torch.randn(1, 7, 3, generator=gen), torch.tensor([[0.0, 0.0, 0.0, 1.0]]).repeat(3, 1))),
+    ]
+
+
+def _wrong_conv_same(x, weight):
+    # centred ('same') padding: output t sees future tokens
+    K = weight.shape[-1]
+    padded = F.pad(x.transpose(1, 2), ((K - 1) // 2, K // 2))
+    return F.conv1d(padded, weight.unsqueeze(1), groups=x.shape[-1]).transpose(1, 2)
+
+
+register(
+    "causal_depthwise_conv",
+    reference=_causal_conv_ref,
+    make_cases=_causal_conv_cases,
+    hint="pad K-1 zeros BEFORE the first token, then y[:, t] = sum_j weight[:, j] * padded[:, t + j] "
+         "(the last tap, j = K-1, multiplies the current token); every channel has its own kernel",
+    wrong=[
+        _wrong_conv_same,
+        lambda x, w: _causal_conv_ref(x, w.flip(-1)),  # kernel flipped: the first tap on the current token
+        lambda x, w: _causal_conv_ref(x, w.sum(0, keepdim=True).expand_as(w) / w.shape[0]),  # one shared kernel
+    ],
+)
+
+
+# --- 07.2 the gates module
+
+
+class _MemoryGatesRef(nn.Module):
+    def __init__(self, dim, heads, theta_max=0.1):
+        super().__init__()
+        self.heads, self.theta_max = heads, theta_max
+        self.proj = nn.Linear(dim, 3 * heads)
+        nn.init.normal_(self.proj.weight, std=0.02)
+        init = torch.tensor([math.log(1 / 3), math.log(0.9 / 0.1), math.log(0.05 / 0.95)])
+        with torch.no_grad():
+            self.proj.bias.copy_(init.repeat(heads))
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        z = self.proj(x).view(B, T, self.heads, 3).permute(0, 2, 1, 3)  # (B, H, T, 3)
+        theta = self.theta_max * torch.sigmoid(z[..., 0])
+        return theta, torch.sigmoid(z[..., 1]), torch.sigmoid(z[..., 2])
+
+
+def _gates_call(cls, case):
+    dim, heads, theta_max, x, state = case.args
+    torch.manual_seed(0)
+    module = cls(dim, heads, theta_max)
+    with torch.no_grad():
+        if state is None:  # the initial gates: zero the weights, keep the module's own biases
+            module.proj.weight.zero_()
+        else:
+            module.load_state_dict(state)
+        return tuple(module(x))
+
+
+def _gates_cases(gen):
+    def state(dim, heads):
+        return {"proj.weight": torch.randn(3 * heads, dim, generator=gen),
+                "proj.bias": torch.randn(3 * heads, generator=gen)}
+    return [
+        Case("dim 8, 2 heads, random weights", (8, 2, 0.1, torch.randn(2, 5, 8, generator=gen), state(8, 2))),
+        Case("dim 6, 1 head, theta_max 0.5", (6, 1, 0.5, torch.randn(1, 4, 6, generator=gen), state(6, 1))),
+        Case("dim 8, 4 heads", (8, 4, 0.2, torch.randn(3, 3, 8, generator=gen), state(8, 4))),
+        Case("initial values (weights zeroed): theta = theta_max/4, eta = 0.9, alpha = 0.05",
+             (8, 2, 0.1, torch.randn(1, 3, 8, generator=gen), None)),
+    ]
+
+
+class _WrongGatesNoThetaMax(_MemoryGatesRef):
+    def forward(self, x):
+        theta, eta, alpha = super().forward(x)
+        return theta / self.theta_max, eta, alpha  # forgot theta_max
+
+
+class _WrongGatesLayout(_MemoryGatesRef):
+    def forward(self, x):
+        B, T, _ = x.shape
+        z = self.proj(x).view(B, T, 3, self.heads).permute(0, 3, 1, 2)  # gate-major instead of head-major
+        return self.theta_max * torch.sigmoid(z[..., 0]), torch.sigmoid(z[..., 1]), torch.sigmoid(z[..., 2])
+
+
+class _WrongGatesZeroBias(_MemoryGatesRef):
+    def __init__(self, dim, heads, theta_max=0.1):
+        super().__init__(dim, heads, theta_max)
+        with torch.no_grad():
+            self.proj.bias.zero_()  # left PyTorch's default bias: gates start near 0.5
+
+
+register(
+    "memory_gates",
+    reference=_MemoryGatesRef,
+    make_cases=_gates_cases,
+    call=_gates_call,
+    hint="one nn.Linear named self.proj from dim to 3*heads (with bias); reshape its output to "
+         "(B, T, heads, 3) -> (B, heads, T, 3): per head [theta, eta, alpha] logits; "
+         "theta = theta_max*sigmoid, eta = sigmoid, alpha = sigmoid; bias = logit of the start "
+         "values (logit(p) = log(p/(1-p)): logit(1/4), logit(0.9), logit(0.05))",
+    wrong=[_WrongGatesNoThetaMax, _WrongGatesLayout, _WrongGatesZeroBias],
+)
+
+
+# --- 07.3 the output: norm, gate, projection
+
+
+def _output_ref(reads, x, gain, W_gate, W_out):
+    B, H, T, d = reads.shape
+    r = reads * torch.rsqrt(reads.pow(2).mean(-1, keepdim=True) + 1e-6)  # RMSNorm per head
+    r = r.transpose(1, 2).reshape(B, T, H * d) * gain
+    return (r * F.silu(x @ W_gate.T)) @ W_out.T
+
+
+def _output_cases(gen):
+    def case(B, H, T, d):
+        dim = H * d
+        return (torch.randn(B, H, T, d, generator=gen), torch.randn(B, T, dim, generator=gen),
+                1 + 0.1 * torch.randn(dim, generator=gen), torch.randn(dim, dim, generator=gen) / dim**0.5,
+                torch.randn(dim, dim, generator=gen) / dim**0.5)
+    return [
+        Case("2 heads of 4, T = 5", case(2, 2, 5, 4)),
+        Case("1 head of 8", case(1, 1, 3, 8)),
+        Case("4 heads of 2", case(1, 4, 6, 2)),
+    ]
+
+
+def _wrong_output_norm_all(reads, x, gain, W_gate, W_out):
+    B, H, T, d = reads.shape
+    r = reads.transpose(1, 2).reshape(B, T, H * d)
+    r = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + 1e-6) * gain  # one norm over all heads
+    return (r * F.silu(x @ W_gate.T)) @ W_out.T
+
+
+register(
+    "memory_output",
+    reference=_output_ref,
+    make_cases=_output_cases,
+    hint="o = W_out(RMSNorm(y) * SiLU(W_gate x)): RMSNorm each head's read over its d_head features "
+         "(y / sqrt(mean(y^2) + 1e-6)), merge heads (B, H, T, d) -> (B, T, H*d), multiply by gain, "
+         "by F.silu(x @ W_gate.T), then @ W_out.T",
+    wrong=[
+        _wrong_output_norm_all,
+        lambda y, x, g, Wg, Wo: _output_ref(y, x, g, Wg, Wo) / F.silu(x @ Wg.T) * torch.sigmoid(x @ Wg.T),  # sigmoid gate
+        lambda y, x, g, Wg, Wo: (y.transpose(1, 2).reshape(x.shape) * g * F.silu(x @ Wg.T)) @ Wo.T,  # no norm
+    ],
+)

@@ -296,14 +296,14 @@ def plot_text_heat(
     grid = np.full(rows * width, np.nan)
     grid[: len(vals)] = vals
     grid = grid.reshape(rows, width)
-    ax = _new_ax(ax, figsize=(min(0.2 * width + 1.5, 15), 0.32 * rows + 1.0))
+    ax = _new_ax(ax, figsize=(min(0.22 * width + 1.5, 16), 0.45 * rows + 1.0))
     im = ax.imshow(grid, cmap=cmap, aspect="auto", interpolation="nearest")
     lo, hi = np.nanmin(vals), np.nanmax(vals)
     for i, ch in enumerate(text):
         r, c = divmod(i, width)
         shown = "⏎" if ch == "\n" else ch
         bright = (vals[i] - lo) / (hi - lo + 1e-12) > 0.6
-        ax.text(c, r, shown, ha="center", va="center", fontsize=7, family="monospace",
+        ax.text(c, r, shown, ha="center", va="center", fontsize=8.5, family="monospace",
                 color="black" if bright else "white")
     ax.set_xticks([])
     ax.set_yticks(range(rows))
