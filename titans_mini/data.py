@@ -382,12 +382,10 @@ def _load_hf(name: str, max_docs: int | None) -> Corpus:
     n_train = default_docs if max_docs is None else int(max_docs)
     n_val = max(1, n_train // 10)
 
-    def take(split: str, n: int, skip: int = 0) -> list[str]:
+    def take(split: str, n: int) -> list[str]:
         stream = datasets.load_dataset(repo, config, split=split, streaming=True)
         out = []
-        for i, row in enumerate(stream):
-            if i < skip:
-                continue
+        for row in stream:
             out.append(row[text_field])
             if len(out) >= n:
                 break
