@@ -135,6 +135,37 @@ def _sub_matmul(base: Tensor, a: Tensor, x: Tensor) -> Tensor:
     return torch.baddbmm(base, a.transpose(-1, -2), x, alpha=-1.0)
 
 
+class _StateUpdate(torch.autograd.Function):
+    """Φ_end = AΦ + BS − Pᵀ X,  S_end = E·S − Qᵀ X   (eqs. 14–15, 19) with P = c ⊙ Δ, Q = d ⊙ Δ.
+
+    Shapes: Φ, S (N, out, in); A, B, E (N, 1, 1); P, Q (N, n, out); X (N, n, in).
+    Plain autograd gives the same gradients; this hand-written backward only saves passes over
+    the large (out × in) weight tensors (each pass is memory-bound on a CPU):
+
+        ∂Φ = A·gΦ,  ∂S = B·gΦ + E·gS,  ∂A = ⟨gΦ, Φ⟩,  ∂B = ⟨gΦ, S⟩,  ∂E = ⟨gS, S⟩,
+        ∂P = −X gΦᵀ,  ∂Q = −X gSᵀ,  ∂X = −(P gΦ + Q gS).
+    """
+
+    @staticmethod
+    def forward(ctx, W, S, A, B, E, P, Q, X):
+        ctx.save_for_backward(W, S, A, B, E, P, Q, X)
+        return _sub_matmul(torch.addcmul(A * W, B, S), P, X), _sub_matmul(E * S, Q, X)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gW, gS):
+        W, S, A, B, E, P, Q, X = ctx.saved_tensors
+        gW = torch.zeros_like(W) if gW is None else gW
+        gS = torch.zeros_like(S) if gS is None else gS
+        dot = lambda u, v: (u * v).sum((-1, -2), keepdim=True)
+        grad_W = A * gW
+        grad_S = torch.addcmul(E * gS, B, gW)
+        grad_P = -torch.matmul(X, gW.transpose(-1, -2).to(X.dtype)).to(P.dtype)
+        grad_Q = -torch.matmul(X, gS.transpose(-1, -2).to(X.dtype)).to(Q.dtype)
+        grad_X = -(torch.matmul(P, gW.to(P.dtype)) + torch.matmul(Q, gS.to(Q.dtype))).to(X.dtype)
+        return grad_W, grad_S, dot(gW, W), dot(gW, S), dot(gS, S), grad_P, grad_Q, grad_X
+
+
 def _logit(p: float) -> float:
     return math.log(p / (1.0 - p))
 
@@ -487,8 +518,10 @@ class NeuralMemory(nn.Module):
         for layer, (w, s, dl, xl) in enumerate(zip(W, S, deltas, xs)):
             j = layer if c.shape[-1] > 1 else 0
             # Σ_s c_s δ_s x_sᵀ = (c ⊙ Δ)ᵀ X: one batched matmul, fused with the decay terms
-            W_new.append(_sub_matmul(torch.addcmul(A * w, B, s), dl * c[..., j, None], xl))
-            S_new.append(_sub_matmul(E * s, dl * d[..., j, None], xl))
+            w_end, s_end = _StateUpdate.apply(w, s, A, B, E, dl * c[..., j, None],
+                                              dl * d[..., j, None], xl)
+            W_new.append(w_end)
+            S_new.append(s_end)
         return W_new, S_new, reads, surprise, grad_norm
 
     def _coefficients(self, logits: Tensor):
