@@ -265,3 +265,25 @@ def test_state_detach_for_truncated_bptt(variant):
     with torch.no_grad():
         ref, _ = model(x[:, 16:], state)
     torch.testing.assert_close(logits, ref)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_mac_attention_pattern(causal):
+    """Keys of a MAC segment are [P ‖ h ‖ S]: token i sees all of P, S_j for j ≤ i, and h_j for
+    j ≤ i (causal, D6) or every h_j (as written)."""
+    model = make("mac", mac_causal=causal)
+    attn = model.blocks[0].mixers[0].attn
+    attn.record_weights = True
+    with torch.no_grad():
+        model(tokens(length=16))  # exactly one segment
+    w = attn.last_weights  # (B, H, C, N_p + 2C)
+    n_p, C = model.cfg.n_persistent, 16
+    assert w.shape == (2, model.cfg.n_heads, C, n_p + 2 * C)
+    upper = torch.triu(torch.ones(C, C, dtype=torch.bool), diagonal=1)  # j > i
+    h_block, s_block = w[..., n_p : n_p + C], w[..., n_p + C :]
+    assert (w[..., :n_p] > 0).all()
+    assert (s_block[..., upper] == 0).all() and (s_block[..., ~upper] > 0).all()
+    if causal:
+        assert (h_block[..., upper] == 0).all() and (h_block[..., ~upper] > 0).all()
+    else:
+        assert (h_block > 0).all()

@@ -329,6 +329,8 @@ class MACMixer(nn.Module):
 
     ``causal=False`` is MAC exactly as written in the paper: every token sees all of h (H1) and
     m = M*_{Φ'}(y) reads the state after the whole segment was written (H2). It leaks the future.
+    It is meant for whole-sequence forward passes (lesson 09): fed in pieces (streaming,
+    ``generate``), a token can only see what has arrived, so the results differ from one call.
     """
 
     def __init__(self, cfg: TitansConfig):
