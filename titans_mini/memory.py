@@ -149,21 +149,39 @@ class _StateUpdate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, W, S, A, B, E, P, Q, X):
         ctx.save_for_backward(W, S, A, B, E, P, Q, X)
-        return _sub_matmul(torch.addcmul(A * W, B, S), P, X), _sub_matmul(E * S, Q, X)
+        # the products first (freshly allocated), then the decay terms added in place:
+        # fewer passes over the big tensors than A*W + B*S − PᵀX written out
+        W_new = torch.matmul(P.transpose(-1, -2), X).to(W.dtype).neg_()
+        W_new.addcmul_(A, W).addcmul_(B, S)
+        S_new = torch.matmul(Q.transpose(-1, -2), X).to(S.dtype).neg_()
+        S_new.addcmul_(E, S)
+        return W_new, S_new
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gW, gS):
         W, S, A, B, E, P, Q, X = ctx.saved_tensors
-        gW = torch.zeros_like(W) if gW is None else gW
-        gS = torch.zeros_like(S) if gS is None else gS
-        dot = lambda u, v: (u * v).sum((-1, -2), keepdim=True)
-        grad_W = A * gW
-        grad_S = torch.addcmul(E * gS, B, gW)
-        grad_P = -torch.matmul(X, gW.transpose(-1, -2).to(X.dtype)).to(P.dtype)
-        grad_Q = -torch.matmul(X, gS.transpose(-1, -2).to(X.dtype)).to(Q.dtype)
-        grad_X = -(torch.matmul(P, gW.to(P.dtype)) + torch.matmul(Q, gS.to(Q.dtype))).to(X.dtype)
-        return grad_W, grad_S, dot(gW, W), dot(gW, S), dot(gS, S), grad_P, grad_Q, grad_X
+        # incoming gradients are often transposed views (from the memory's W·x matmuls); one
+        # contiguous copy makes every product below and the next chunk's backward faster
+        gW = torch.zeros_like(W) if gW is None else gW.contiguous()
+        gS = torch.zeros_like(S) if gS is None else gS.contiguous()
+        grad_W = gW * A
+        grad_S = (gS * E).addcmul_(gW, B)
+        grad_P = torch.matmul(X, gW.transpose(-1, -2).to(X.dtype)).to(P.dtype).neg_()
+        grad_Q = torch.matmul(X, gS.transpose(-1, -2).to(X.dtype)).to(Q.dtype).neg_()
+        grad_X = torch.matmul(P, gW.to(P.dtype))
+        grad_X = grad_X.add_(torch.matmul(Q, gS.to(Q.dtype))).to(X.dtype).neg_()
+        return (grad_W, grad_S, _batch_dot(gW, W), _batch_dot(gW, S), _batch_dot(gS, S),
+                grad_P, grad_Q, grad_X)
+
+
+def _batch_dot(u: Tensor, v: Tensor) -> Tensor:
+    """⟨u_i, v_i⟩ for each leading index i of (N, a, b) tensors -> (N, 1, 1), without forming u ⊙ v
+    when both are contiguous (a batched 1×K by K×1 matmul)."""
+    N = u.shape[0]
+    if u.is_contiguous() and v.is_contiguous() and u.dtype == v.dtype and v.shape[0] == N:
+        return torch.bmm(u.view(N, 1, -1), v.view(N, -1, 1))
+    return (u * v).sum((-1, -2), keepdim=True)
 
 
 def _logit(p: float) -> float:
