@@ -19,9 +19,10 @@ state at the start of its chunk. ``chunk_size=1`` is exact online gradient desce
 Two implementations of exactly the same maths live here:
 
 * :class:`NeuralMemory` — the fast, chunked *weighted-gradient route* (reference §3.6): per chunk
-  one memory forward on [keys; queries], one hand-written backward of the chunk's summed loss
-  giving every token's δ_s, then per layer Φ_end = AΦ + BS − (c ⊙ Δ)ᵀX  (eqs. 14–19).
-  No per-token gradient is ever formed.
+  one memory forward on the keys and one on the queries (the reads), one hand-written backward
+  of the chunk's summed loss giving every token's δ_s, then per layer
+  Φ_end = AΦ + BS − (c ⊙ Δ)ᵀX  (eqs. 14–19). No per-token gradient is ever formed; the
+  coefficients c, d, A, B, E of all chunks come from the gates in one vectorised step.
 * :func:`sequential_reference` — the slow, obviously correct loop: per token, autograd of that
   token's loss, then literally S ← ηS − θg, Φ ← (1 − α)Φ + S. The oracle of the tests and the
   "slow but clear" code of lesson 06.
@@ -116,23 +117,6 @@ def clip_factor(grad_norm: Tensor, max_norm: float | None) -> Tensor | None:
     if max_norm is None:
         return None
     return (max_norm / (grad_norm + 1e-6)).clamp(max=1.0)
-
-
-def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # older torch: no device argument
-        return torch.is_autocast_enabled() if device_type == "cuda" else \
-            torch.is_autocast_cpu_enabled()
-
-
-def _sub_matmul(base: Tensor, a: Tensor, x: Tensor) -> Tensor:
-    """base − aᵀ x for batched a (N, n, out), x (N, n, in), base (N, out, in): one fused baddbmm.
-
-    Under autocast the product may run in low precision; the state keeps base's dtype."""
-    if _autocast_enabled(base.device.type) or a.dtype != base.dtype or x.dtype != base.dtype:
-        return base - torch.matmul(a.transpose(-1, -2), x).to(base.dtype)
-    return torch.baddbmm(base, a.transpose(-1, -2), x, alpha=-1.0)
 
 
 class _StateUpdate(torch.autograd.Function):
