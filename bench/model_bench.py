@@ -7,7 +7,8 @@
 One training step = forward, cross-entropy, backward, AdamW step. Every (preset, variant) runs
 in its own subprocess, so peak memory is not polluted by earlier runs:
 
-* tokens/s: batch · seq_len · steps / wall time of the timed steps (after ``--warmup`` steps).
+* tokens/s: batch · seq_len / the median wall time of the timed steps (after ``--warmup``
+  steps; the median keeps a busy shared machine from skewing the result).
 * peak MiB: the memory a training step needs on top of the weights -- CUDA:
   ``max_memory_allocated`` minus the memory allocated before the first step; CPU: the peak
   resident set size (Linux VmHWM, reset through /proc/self/clear_refs) minus the resident size
@@ -29,11 +30,11 @@ import time
 
 # (batch, seq_len, steps) per preset and device kind; CPU sizes keep a full run to a few minutes
 DEFAULTS = {
-    ("tiny", "cpu"): (8, 64, 5),
+    ("tiny", "cpu"): (8, 64, 7),
     ("tiny", "cuda"): (32, 256, 20),
     ("cpu-demo", "cpu"): (4, 128, 3),
     ("cpu-demo", "cuda"): (32, 256, 20),
-    ("colab-t4", "cpu"): (1, 128, 2),
+    ("colab-t4", "cpu"): (1, 128, 3),
     ("colab-t4", "cuda"): (16, 512, 10),
 }
 VARIANT_ORDER = ["transformer", "swa", "lmm", "mag", "mal", "mac"]
@@ -101,12 +102,14 @@ def run_one(preset: str, variant: str, device: str, batch: int, seq_len: int, st
         have_hwm = _reset_peak_rss()
     for _ in range(warmup):
         step()
-    sync()
-    t0 = time.perf_counter()
+    times = []
     for _ in range(steps):
+        sync()
+        t0 = time.perf_counter()
         loss = step()
-    sync()
-    elapsed = time.perf_counter() - t0
+        sync()
+        times.append(time.perf_counter() - t0)
+    step_time = sorted(times)[len(times) // 2]  # median: robust to a busy shared machine
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev) - base
     else:
@@ -118,7 +121,7 @@ def run_one(preset: str, variant: str, device: str, batch: int, seq_len: int, st
         "batch": batch,
         "seq_len": seq_len,
         "steps": steps,
-        "tok_s": batch * seq_len * steps / elapsed,
+        "tok_s": batch * seq_len / step_time,
         "peak_mib": peak / 2**20,
         "loss": float(loss),
     }

@@ -258,8 +258,8 @@ class Attention(nn.Module):
         if self.window is not None and k.shape[2] > self.window - 1:
             if not has_context:
                 # plain tokens only: the keys are the consecutive positions up to start + T − 1
-                k, v = k[:, :, k.shape[2] - (self.window - 1):], v[:, :, v.shape[2] - (self.window - 1):]
-                key_pos, always = key_pos[len(key_pos) - (self.window - 1):], always[len(always) - (self.window - 1):]
+                drop = k.shape[2] - (self.window - 1)
+                k, v, key_pos, always = k[:, :, drop:], v[:, :, drop:], key_pos[drop:], always[drop:]
             else:
                 keep = always | (key_pos > start + T - self.window)
                 k, v, key_pos, always = k[:, :, keep], v[:, :, keep], key_pos[keep], always[keep]
