@@ -120,14 +120,14 @@ def clip_factor(grad_norm: Tensor, max_norm: float | None) -> Tensor | None:
 
 
 class _StateUpdate(torch.autograd.Function):
-    """Φ_end = AΦ + BS − Pᵀ X,  S_end = E·S − Qᵀ X   (eqs. 14–15, 19) with P = c ⊙ Δ, Q = d ⊙ Δ.
+    """Φ_end = AΦ + BS + Pᵀ X,  S_end = E·S + Qᵀ X   (eqs. 14–15, 19) with P = −c ⊙ Δ, Q = −d ⊙ Δ.
 
     Shapes: Φ, S (N, out, in); A, B, E (N, 1, 1); P, Q (N, n, out); X (N, n, in).
     Plain autograd gives the same gradients; this hand-written backward only saves passes over
     the large (out × in) weight tensors (each pass is memory-bound on a CPU):
 
         ∂Φ = A·gΦ,  ∂S = B·gΦ + E·gS,  ∂A = ⟨gΦ, Φ⟩,  ∂B = ⟨gΦ, S⟩,  ∂E = ⟨gS, S⟩,
-        ∂P = −X gΦᵀ,  ∂Q = −X gSᵀ,  ∂X = −(P gΦ + Q gS).
+        ∂P = X gΦᵀ,  ∂Q = X gSᵀ,  ∂X = P gΦ + Q gS.
     """
 
     @staticmethod
@@ -135,9 +135,9 @@ class _StateUpdate(torch.autograd.Function):
         ctx.save_for_backward(W, S, A, B, E, P, Q, X)
         # the products first (freshly allocated), then the decay terms added in place:
         # fewer passes over the big tensors than A*W + B*S − PᵀX written out
-        W_new = torch.matmul(P.transpose(-1, -2), X).to(W.dtype).neg_()
+        W_new = torch.matmul(P.transpose(-1, -2), X).to(W.dtype)
         W_new.addcmul_(A, W).addcmul_(B, S)
-        S_new = torch.matmul(Q.transpose(-1, -2), X).to(S.dtype).neg_()
+        S_new = torch.matmul(Q.transpose(-1, -2), X).to(S.dtype)
         S_new.addcmul_(E, S)
         return W_new, S_new
 
@@ -151,10 +151,10 @@ class _StateUpdate(torch.autograd.Function):
         gS = torch.zeros_like(S) if gS is None else gS.contiguous()
         grad_W = gW * A
         grad_S = (gS * E).addcmul_(gW, B)
-        grad_P = torch.matmul(X, gW.transpose(-1, -2).to(X.dtype)).to(P.dtype).neg_()
-        grad_Q = torch.matmul(X, gS.transpose(-1, -2).to(X.dtype)).to(Q.dtype).neg_()
+        grad_P = torch.matmul(X, gW.transpose(-1, -2).to(X.dtype)).to(P.dtype)
+        grad_Q = torch.matmul(X, gS.transpose(-1, -2).to(X.dtype)).to(Q.dtype)
         grad_X = torch.matmul(P, gW.to(P.dtype))
-        grad_X = grad_X.add_(torch.matmul(Q, gS.to(Q.dtype))).to(X.dtype).neg_()
+        grad_X = grad_X.add_(torch.matmul(Q, gS.to(Q.dtype))).to(X.dtype)
         return (grad_W, grad_S, _batch_dot(gW, W), _batch_dot(gW, S), _batch_dot(gS, S),
                 grad_P, grad_Q, grad_X)
 
@@ -500,8 +500,17 @@ class NeuralMemory(nn.Module):
            backward (the row-s δ is token s's own δ_s)
         3. per layer: Φ_end = AΦ + BS − (c ⊙ Δ)ᵀX,  S_end = E S − (d ⊙ Δ)ᵀX   (eqs. 14, 15, 19)
         """
-        out, cache = memory_forward(W, keys, self.kind, keep=True)
-        reads = None if queries is None else memory_forward(W, queries, self.kind)
+        n = keys.shape[1]
+        if queries is not None and not torch.is_grad_enabled():
+            # inference: one forward on [keys; queries] (slicing is free without autograd)
+            out, cache = memory_forward(W, torch.cat([keys, queries], 1), self.kind, keep=True)
+            out, reads = out[:, :n], out[:, n:]
+            cache = {"inputs": [t[:, :n] for t in cache["inputs"]],
+                     "pre": [t[:, :n] for t in cache["pre"]],
+                     **({"ln": tuple(t[:, :n] for t in cache["ln"])} if "ln" in cache else {})}
+        else:
+            out, cache = memory_forward(W, keys, self.kind, keep=True)
+            reads = None if queries is None else memory_forward(W, queries, self.kind)
         err = out - values  # ∂ℓ_s/∂M(k_s), (N, n, d)
         deltas = memory_backward(W, cache, err)  # δ^{(l)}: (N, n, out_l)
         xs = cache["inputs"]  # X^{(l)}: (N, n, in_l)
@@ -520,8 +529,9 @@ class NeuralMemory(nn.Module):
         for layer, (w, s, dl, xl) in enumerate(zip(W, S, deltas, xs)):
             j = layer if c.shape[-1] > 1 else 0
             # Σ_s c_s δ_s x_sᵀ = (c ⊙ Δ)ᵀ X: one batched matmul, fused with the decay terms
-            w_end, s_end = _StateUpdate.apply(w, s, A, B, E, dl * c[..., j, None],
-                                              dl * d[..., j, None], xl)
+            # the minus signs of −(c ⊙ Δ)ᵀX, −(d ⊙ Δ)ᵀX go on the small n×out factors
+            w_end, s_end = _StateUpdate.apply(w, s, A, B, E, dl * -c[..., j, None],
+                                              dl * -d[..., j, None], xl)
             W_new.append(w_end)
             S_new.append(s_end)
         return W_new, S_new, reads, surprise, grad_norm
