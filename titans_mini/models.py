@@ -508,7 +508,7 @@ class TitansLM(nn.Module):
             raise ValueError(f"tokens must have shape (batch, time), got {tuple(tokens.shape)}")
         if tokens.shape[1] == 0:
             raise ValueError("tokens must contain at least one position")
-        lo, hi = int(tokens.min()), int(tokens.max())
+        lo, hi = torch.stack(torch.aminmax(tokens)).tolist()  # one host sync
         if lo < 0 or hi >= self.cfg.vocab_size:
             raise ValueError(
                 f"token ids must be in [0, {self.cfg.vocab_size - 1}], got values in [{lo}, {hi}]"
