@@ -140,7 +140,8 @@ def memory_backward(weights: tuple[Tensor, ...] | list[Tensor], cache: dict,
     """
     n_layers = len(weights)
     if "ln" in cache:
-        z, mean, rstd = cache["ln"]
+        # the fused kernel reads z, mean and 1/σ as flat arrays: they must be contiguous
+        z, mean, rstd = (t.contiguous() for t in cache["ln"])
         delta = torch.ops.aten.native_layer_norm_backward(
             grad_out, z, [z.shape[-1]], mean, rstd, None, None, [True, False, False])[0]
     else:
