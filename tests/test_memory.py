@@ -498,3 +498,16 @@ def test_nan_in_carried_state_raises():
     state.weights = (w, *state.weights[1:])
     with pytest.raises(ValueError, match="contains NaN or inf"):
         mem(torch.randn(1, 3, 8), state)
+
+
+def test_inference_and_training_paths_agree():
+    """Under no_grad the layer fuses the key and query forwards; with grad it does not."""
+    mem = make(depth=2, chunk_size=4)
+    x = rand_x(T=13)
+    with torch.no_grad():
+        y0, s0, st0 = mem(x, return_stats=True)
+    y1, s1, st1 = mem(x, return_stats=True)
+    torch.testing.assert_close(y1.detach(), y0, rtol=1e-12, atol=1e-12)
+    assert_states_close(s1.detach(), s0, rtol=1e-12, atol=1e-12)
+    assert_stats_close(MemoryStats(*(getattr(st1, n).detach() for n in STAT_NAMES)), st0,
+                       rtol=1e-12, atol=1e-12)
