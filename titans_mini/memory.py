@@ -185,6 +185,18 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
 class NeuralMemory(nn.Module):
     """Titans neural long-term memory layer, chunked and paper-faithful (see the module docstring).
 
+    Usage::
+
+        mem = NeuralMemory(dim, heads=1, depth=2, expansion=4, chunk_size=16)
+        y, state = mem(x)                        # x (B, T, dim) -> y (B, T, dim)
+        y2, state = mem(x2, state)               # continue the same documents (any split)
+        y, state, stats = mem(x, return_stats=True)   # reads, surprise, grad_norm, θ, η, α
+        q, k, v = mem.project(x)                 # (B, H, T, d_head) each
+        theta, eta, alpha = mem.gates(x)         # (B, H, T) each
+        out = mem.memory_fn(state.weights, k)    # M(k; Φ), pure function
+        h, ctx = mem.retrieve(x, state)          # read-only retrieval (MAC)
+        state = mem.flush(state)                 # end of document: write the partial chunk
+
     Args:
         dim: model width; x is (B, T, dim).
         heads: H memory heads; d_head = dim / heads. Each head has its own memory, M₀ and gates (D11).
@@ -194,7 +206,8 @@ class NeuralMemory(nn.Module):
         momentum: False makes η ≡ 0 (S_t = −θ_t g_t).
         forget: False makes α ≡ 0 (no weight decay).
         residual_norm: depth ≥ 2 only: M(x) = x + LN(MLP(x)) (default, non-affine LN) or the plain
-            MLP M(x) = MLP(x).
+            MLP M(x) = MLP(x). Note that a non-affine LN fixes ‖M(k) − k‖ = √d_head, so values
+            are only matched once v − k has that scale; the outer loop learns W_V accordingly.
         conv: causal depthwise conv (kernel ``conv_kernel``) after the q/k/v projections (D9).
         theta_max: θ_t = θ_max · σ(·) ∈ (0, θ_max). Default 0.1 (linear and residual-LN memory):
             keys are unit vectors and M₀ is scaled so that one token's loss has curvature ≈ 1,
