@@ -12,6 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # The suite always runs the notebooks' fast path and never opens windows.
 os.environ.setdefault("TITANS_FAST", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Notebook kernels inherit this: tiny tensors run fastest on one thread when tests run in parallel.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_addoption(parser):
