@@ -76,3 +76,11 @@ def test_repository_url_is_defined_once():
             hits.append(path.relative_to(_ROOT).as_posix())
     assert hits == []
     assert set(ROOT_DIRS) == {"notebooks", "solutions", "exercises"}
+
+
+def test_readme_links_every_lesson_with_its_colab_badge():
+    readme = (_ROOT / "README.md").read_text()
+    for path in sorted((_ROOT / "notebooks").glob("*.ipynb")):
+        rel = path.relative_to(_ROOT).as_posix()
+        assert f"]({rel})" in readme, f"README course map does not link {rel}"
+        assert ns.colab_url(rel) in readme, f"README has no Colab link for {rel}"
