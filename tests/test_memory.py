@@ -511,3 +511,15 @@ def test_inference_and_training_paths_agree():
     assert_states_close(s1.detach(), s0, rtol=1e-12, atol=1e-12)
     assert_stats_close(MemoryStats(*(getattr(st1, n).detach() for n in STAT_NAMES)), st0,
                        rtol=1e-12, atol=1e-12)
+
+
+def test_forward_never_modifies_the_given_state_or_m0():
+    mem = make(depth=2, chunk_size=4)
+    m0 = [w.detach().clone() for w in mem.memory_init]
+    with torch.no_grad():
+        _, s = mem(rand_x(T=6))
+        before = [t.clone() for t in s.weights + s.momentum]
+        mem(rand_x(T=9, seed=3), s)
+        mem(rand_x(T=9, seed=3))
+    assert all(torch.equal(a, b) for a, b in zip(before, s.weights + s.momentum))
+    assert all(torch.equal(a, b) for a, b in zip(m0, mem.memory_init))

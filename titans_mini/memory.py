@@ -499,7 +499,8 @@ class NeuralMemory(nn.Module):
 
     # -- the chunked forward (weighted-gradient route) ----------------------------------------
 
-    def _chunk_step(self, W, S, keys, values, queries, coeffs, need_stats: bool):
+    def _chunk_step(self, W, S, keys, values, queries, coeffs, need_stats: bool,
+                    inplace: bool = False):
         """One chunk, batched over (batch·heads) = N rows: read at the chunk-start state and write.
 
         W, S: lists of (N, out, in); keys, values: (N, n, d); queries: (N, m, d) or None;
@@ -543,8 +544,13 @@ class NeuralMemory(nn.Module):
             j = layer if c.shape[-1] > 1 else 0
             # Σ_s c_s δ_s x_sᵀ = (c ⊙ Δ)ᵀ X: one batched matmul, fused with the decay terms
             # the minus signs of −(c ⊙ Δ)ᵀX, −(d ⊙ Δ)ᵀX go on the small n×out factors
-            w_end, s_end = _StateUpdate.apply(w, s, A, B, E, dl * -c[..., j, None],
-                                              dl * -d[..., j, None], xl)
+            P, Q = dl * -c[..., j, None], dl * -d[..., j, None]
+            if inplace:  # inference on buffers this call owns: no new (out × in) tensors
+                w.mul_(A).addcmul_(B, s).baddbmm_(P.transpose(-1, -2).to(w.dtype), xl.to(w.dtype))
+                s.mul_(E).baddbmm_(Q.transpose(-1, -2).to(s.dtype), xl.to(s.dtype))
+                w_end, s_end = w, s
+            else:
+                w_end, s_end = _StateUpdate.apply(w, s, A, B, E, P, Q, xl)
             W_new.append(w_end)
             S_new.append(s_end)
         return W_new, S_new, reads, surprise, grad_norm
@@ -597,6 +603,11 @@ class NeuralMemory(nn.Module):
         BH = B * H
         W = [w.reshape(BH, *w.shape[2:]) for w in state.weights]
         S = [s.reshape(BH, *s.shape[2:]) for s in state.momentum]
+        # inference: update private copies in place (the caller's state is never modified)
+        inplace = n_chunks > 0 and not torch.is_grad_enabled()
+        if inplace:
+            W = [w.clone(memory_format=torch.contiguous_format) for w in W]
+            S = [s.clone(memory_format=torch.contiguous_format) for s in S]
         reads, surprise, grad_norm = [], [], []
         if n_chunks:
             c, dd, A, Bc, E = self._coefficients(self._pool_gate_logits(raw_logits[:, :, :full]))
@@ -612,7 +623,7 @@ class NeuralMemory(nn.Module):
             for i in range(n_chunks):
                 W, S, r, sur, gn = self._chunk_step(
                     W, S, k_chunks[i], v_chunks[i], q_chunks[i],
-                    (c[i], dd[i], A[i], Bc[i], E[i]), need_stats)
+                    (c[i], dd[i], A[i], Bc[i], E[i]), need_stats, inplace)
                 skip = P if i == 0 else 0  # pending rows: read and reported by an earlier call
                 reads.append(r[:, skip:] if skip else r)
                 if need_stats:
