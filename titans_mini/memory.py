@@ -515,8 +515,9 @@ class NeuralMemory(nn.Module):
         3. per layer: Φ_end = AΦ + BS − (c ⊙ Δ)ᵀX,  S_end = E S − (d ⊙ Δ)ᵀX   (eqs. 14, 15, 19)
         """
         n = keys.shape[1]
-        if queries is not None and not torch.is_grad_enabled():
-            # inference: one forward on [keys; queries] (slicing is free without autograd)
+        if queries is not None:
+            # one forward on [keys; queries]: each weight is used by fewer ops, so the outer
+            # backward accumulates fewer (out × in) gradients (slices of activations are cheap)
             out, cache = memory_forward(W, torch.cat([keys, queries], 1), self.kind, keep=True)
             out, reads = out[:, :n], out[:, n:]
             cache = {"inputs": [t[:, :n] for t in cache["inputs"]],
