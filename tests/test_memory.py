@@ -523,3 +523,16 @@ def test_forward_never_modifies_the_given_state_or_m0():
         mem(rand_x(T=9, seed=3))
     assert all(torch.equal(a, b) for a, b in zip(before, s.weights + s.momentum))
     assert all(torch.equal(a, b) for a, b in zip(m0, mem.memory_init))
+
+
+def test_state_detach_cuts_the_graph_and_keeps_values():
+    mem = make(depth=2, chunk_size=4)
+    _, s = mem(rand_x(T=7))
+    assert s.weights[0].requires_grad
+    d = s.detach()
+    assert not any(t.requires_grad for t in d.weights + d.momentum)
+    assert d.pending == s.pending == 3
+    assert all(torch.equal(a, b) for a, b in zip(d.weights, s.weights))
+    y1, _ = mem(rand_x(T=5, seed=4), d)
+    y2, _ = mem(rand_x(T=5, seed=4), s)
+    torch.testing.assert_close(y1, y2)
