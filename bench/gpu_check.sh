@@ -29,7 +29,7 @@ timeout 80 python3 -m pytest -q -x -p no:cacheprovider tests/test_memory.py test
   2>&1 | tail -5 | tee "$OUT/tests.txt"
 
 echo "== memory layer benchmark =="
-timeout 140 python3 bench/memory_bench.py --device cuda --rounds 2 2>&1 | tee "$OUT/memory_bench_cuda.txt"
+timeout 140 python3 bench/memory_bench.py --device cuda --quick 2>&1 | tee "$OUT/memory_bench_cuda.txt"
 
 echo "== model benchmark =="
 timeout 110 python3 bench/model_bench.py --device cuda --amp --presets colab-t4 2>&1 | tee "$OUT/model_bench_cuda.txt"
