@@ -39,6 +39,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """The library tests use tiny tensors: one intra-op thread is fastest, and several threads
+    per process only spin-wait on a shared 2-core machine (measured up to 100x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def root() -> Path:
     return ROOT

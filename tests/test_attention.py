@@ -14,14 +14,6 @@ from titans_mini.attention import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add spin-waiting on a shared CPU
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(autouse=True)
 def _float64():
     old = torch.get_default_dtype()

@@ -25,14 +25,6 @@ from titans_mini.scan import linear_scan
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is fastest and immune to a busy shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _weights(kind, d=5, h=7, depth=2, gen=None, batch=()):
     if kind == "linear":

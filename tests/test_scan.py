@@ -1,18 +1,8 @@
 """Linear recurrences and segment sums (titans_mini.scan)."""
 
-import pytest
 import torch
 
 from titans_mini.scan import linear_scan, linear_scan_loop, segsum
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is fastest and immune to a busy shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _naive(a, b, h0):

@@ -21,14 +21,6 @@ from titans_mini.train import TrainConfig, Trainer
 QUICK = dict(batch_size=8, seq_len=32, progress=False, sample_tokens=0, eval_batches=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tiny models run fastest on one thread (and the CI machine has two shared cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def tiny(variant="transformer", **overrides):
     return TitansConfig.preset("tiny", variant=variant, **overrides)
