@@ -536,3 +536,46 @@ def test_state_detach_cuts_the_graph_and_keeps_values():
     y1, _ = mem(rand_x(T=5, seed=4), d)
     y2, _ = mem(rand_x(T=5, seed=4), s)
     torch.testing.assert_close(y1, y2)
+
+
+def _have_cxx() -> bool:
+    import os
+    import shutil
+
+    cxx = os.environ.get("CXX")
+    return any(shutil.which(c) for c in ([cxx] if cxx else []) + ["g++", "c++", "clang++"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _have_cxx(), reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_chunks_match_eager():
+    """``compile_chunks=True`` (torch.compile of the chunk update) gives the eager outputs, state
+    and gradients (float32 rounding only), also across a split call and a flushed partial chunk.
+    One small compile (~30 s on a 2-core CPU)."""
+    torch.manual_seed(0)
+    eager = NeuralMemory(16, heads=2, depth=2, expansion=2, chunk_size=4)
+    compiled = NeuralMemory(16, heads=2, depth=2, expansion=2, chunk_size=4, compile_chunks=True)
+    compiled.load_state_dict(eager.state_dict())
+    with torch.no_grad():
+        eager.to_gates.weight.normal_(0, 0.5)
+        compiled.to_gates.weight.copy_(eager.to_gates.weight)
+    x = torch.randn(2, 18, 16)
+
+    def run(mem):
+        xx = x.clone().requires_grad_(True)
+        y1, state = mem(xx[:, :7])
+        y2, state = mem(xx[:, 7:], state)  # pending tokens open the first chunk
+        state = mem.flush(state)  # a partial chunk: the eager path
+        y = torch.cat([y1, y2], 1)
+        loss = y.square().sum() + sum(w.square().sum() for w in state.weights + state.momentum)
+        grads = torch.autograd.grad(loss, [xx, *mem.parameters()])
+        return y, state, grads
+
+    y_e, s_e, g_e = run(eager)
+    y_c, s_c, g_c = run(compiled)
+    tol = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y_c, y_e, **tol)
+    for a, b in zip(s_c.weights + s_c.momentum, s_e.weights + s_e.momentum):
+        torch.testing.assert_close(a, b, **tol)
+    for a, b in zip(g_c, g_e):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())

@@ -177,6 +177,95 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
 
 
+def _chunk_update(W, S, keys, values, queries, coeffs, kind: str, max_grad_norm: float | None,
+                  need_stats: bool, inplace: bool, custom_backward: bool = True):
+    """One chunk, batched over (batch·heads) = N rows: read at the chunk-start state and write.
+
+    W, S: lists of (N, out, in); keys, values: (N, n, d); queries: (N, m, d) or None;
+    coeffs: (−c, −d, A, B, E) with −c, −d (N, n, n_theta) and A, B, E (N, 1, 1) — already
+    negated and shaped by the caller for all chunks at once, since none of them depends on the
+    state (fewer small kernels per chunk, in the forward and in autograd's backward).
+    Returns (W_end, S_end, reads (N, m, d) or None, surprise (N, n) or None,
+    grad_norm (N, n) or None).
+
+    1. forward M at Φ_start on the keys (kept for the backward) and on the queries (the
+       reads, D5)
+    2. δ^{(l)} of L = Σ_s ½‖M(k_s) − v_s‖² w.r.t. every pre-activation: one hand-written
+       backward (the row-s δ is token s's own δ_s)
+    3. per layer: Φ_end = AΦ + BS − (c ⊙ Δ)ᵀX,  S_end = E S − (d ⊙ Δ)ᵀX   (eqs. 14, 15, 19)
+
+    A plain function of explicit tensors and constants (no module state), so ``torch.compile``
+    can trace it once and every layer with the same shapes reuses the compiled code.
+    ``custom_backward=False`` writes step 3 as plain ops (the compiled path: the compiler
+    derives and fuses the backward itself; same values up to rounding).
+    """
+    n = keys.shape[1]
+    if queries is not None:
+        # one forward on [keys; queries]: each weight is used by fewer ops, so the outer
+        # backward accumulates fewer (out × in) gradients (slices of activations are cheap)
+        out, cache = memory_forward(W, torch.cat([keys, queries], 1), kind, keep=True)
+        # split, not two slices: autograd joins the two gradients with one cat instead of two
+        # zero-filled slice gradients and an add; the first layer's input rows are the keys
+        out, reads = out.split([n, queries.shape[1]], 1)
+        cache = {"inputs": [keys] + [t[:, :n] for t in cache["inputs"][1:]],
+                 "pre": [t[:, :n] for t in cache["pre"]],
+                 **({"ln": tuple(t[:, :n] for t in cache["ln"])} if "ln" in cache else {})}
+    else:
+        out, cache = memory_forward(W, keys, kind, keep=True)
+        reads = None
+    err = out - values  # ∂ℓ_s/∂M(k_s), (N, n, d)
+    deltas = memory_backward(W, cache, err)  # δ^{(l)}: (N, n, out_l)
+    xs = cache["inputs"]  # X^{(l)}: (N, n, in_l)
+    neg_c, neg_d, A, B, E = coeffs
+    surprise = grad_norm = None
+    if need_stats or max_grad_norm is not None:
+        # ‖g_s‖² = Σ_l ‖δ_s^{(l)}‖²·‖x_s^{(l)}‖²  (g_s^{(l)} = δ_s x_sᵀ is rank one)
+        sq = sum(dl.pow(2).sum(-1) * xl.pow(2).sum(-1) for dl, xl in zip(deltas, xs))
+        grad_norm = sq.sqrt()
+        surprise = 0.5 * err.pow(2).sum(-1)
+        f = clip_factor(grad_norm, max_grad_norm)
+        if f is not None:
+            neg_c, neg_d = neg_c * f.unsqueeze(-1), neg_d * f.unsqueeze(-1)
+    per_layer = neg_c.shape[-1] > 1
+    W_new, S_new = [], []
+    for layer, (w, s, dl, xl) in enumerate(zip(W, S, deltas, xs)):
+        # Σ_s c_s δ_s x_sᵀ = (c ⊙ Δ)ᵀ X: one batched matmul, fused with the decay terms
+        # the minus signs of −(c ⊙ Δ)ᵀX, −(d ⊙ Δ)ᵀX sit on the small n×out factors; one shared
+        # θ broadcasts its (N, n, 1) coefficient as is (no per-layer select in the graph)
+        cl = neg_c[..., layer: layer + 1] if per_layer else neg_c
+        dl_ = neg_d[..., layer: layer + 1] if per_layer else neg_d
+        P, Q = dl * cl, dl * dl_
+        if inplace:  # inference on buffers this call owns: no new (out × in) tensors
+            w.mul_(A).addcmul_(B, s).baddbmm_(P.transpose(-1, -2).to(w.dtype), xl.to(w.dtype))
+            s.mul_(E).baddbmm_(Q.transpose(-1, -2).to(s.dtype), xl.to(s.dtype))
+            w_end, s_end = w, s
+        elif custom_backward:
+            w_end, s_end = _StateUpdate.apply(w, s, A, B, E, P, Q, xl)
+        else:
+            w_end = torch.baddbmm(A * w + B * s, P.transpose(-1, -2).to(w.dtype), xl.to(w.dtype))
+            s_end = torch.baddbmm(E * s, Q.transpose(-1, -2).to(s.dtype), xl.to(s.dtype))
+        W_new.append(w_end)
+        S_new.append(s_end)
+    return W_new, S_new, reads, surprise, grad_norm
+
+
+_COMPILED_CHUNK_UPDATE = None
+
+
+def _compiled_chunk_update():
+    """:func:`_chunk_update` wrapped in ``torch.compile`` (built on first use, shared by all layers).
+
+    Why: on a GPU the chunk loop is bound by kernel launches and Python overhead (dozens of
+    small kernels per chunk, replayed by autograd backward), not by FLOPs. The compiler fuses
+    the element-wise work of a chunk into a few kernels, forward and backward. ``dynamic=False``:
+    every full chunk has the same shapes, so one specialised graph per configuration serves
+    the whole loop (a new batch size or layer shape compiles once more)."""
+    global _COMPILED_CHUNK_UPDATE
+    if _COMPILED_CHUNK_UPDATE is None:
+        _COMPILED_CHUNK_UPDATE = torch.compile(_chunk_update, dynamic=False)
+    return _COMPILED_CHUNK_UPDATE
+
+
 # ----------------------------------------------------------------------------------------------
 # The layer
 # ----------------------------------------------------------------------------------------------
@@ -225,6 +314,11 @@ class NeuralMemory(nn.Module):
             causal, since gates only affect the write at the chunk's end).
         max_grad_norm: optional per-token clipping of the inner gradient, ‖g_t‖ ≤ max_grad_norm,
             folded into the coefficients c_s, d_s (no per-token gradients needed).
+        compile_chunks: run each full chunk's update through ``torch.compile`` (opt-in; for
+            GPUs, where the chunk loop is bound by kernel launches). Same maths; the state
+            update's backward is then derived by the compiler instead of the hand-written one,
+            so results agree up to float rounding. The first call compiles (seconds to a
+            minute); a partial chunk (:meth:`flush`) runs eagerly.
     """
 
     def __init__(self, dim: int, heads: int = 1, depth: int = 2, expansion: int = 4,
@@ -233,7 +327,7 @@ class NeuralMemory(nn.Module):
                  theta_max: float | None = None, theta_init: float | None = None,
                  eta_init: float = 0.9, alpha_init: float = 0.05,
                  per_layer_theta: bool = False, chunk_gates: bool = False,
-                 max_grad_norm: float | None = None):
+                 max_grad_norm: float | None = None, compile_chunks: bool = False):
         super().__init__()
         for name, value, low in (("dim", dim, 1), ("heads", heads, 1), ("depth", depth, 1),
                                  ("expansion", expansion, 1), ("chunk_size", chunk_size, 1),
@@ -266,6 +360,7 @@ class NeuralMemory(nn.Module):
         self.per_layer_theta = per_layer_theta
         self.chunk_gates = chunk_gates
         self.max_grad_norm = max_grad_norm
+        self.compile_chunks = bool(compile_chunks)
         self.conv_kernel = conv_kernel if conv else 1
 
         # q, k, v projections (one matmul) and the causal depthwise conv over their 3·dim channels
@@ -501,60 +596,14 @@ class NeuralMemory(nn.Module):
 
     def _chunk_step(self, W, S, keys, values, queries, coeffs, need_stats: bool,
                     inplace: bool = False):
-        """One chunk, batched over (batch·heads) = N rows: read at the chunk-start state and write.
-
-        W, S: lists of (N, out, in); keys, values: (N, n, d); queries: (N, m, d) or None;
-        coeffs: (c, d, A, B, E) with c, d (N, n, n_theta) and A, B, E (N,).
-        Returns (W_end, S_end, reads (N, m, d) or None, surprise (N, n) or None,
-        grad_norm (N, n) or None).
-
-        1. forward M at Φ_start on the keys (kept for the backward) and on the queries (the
-           reads, D5)
-        2. δ^{(l)} of L = Σ_s ½‖M(k_s) − v_s‖² w.r.t. every pre-activation: one hand-written
-           backward (the row-s δ is token s's own δ_s)
-        3. per layer: Φ_end = AΦ + BS − (c ⊙ Δ)ᵀX,  S_end = E S − (d ⊙ Δ)ᵀX   (eqs. 14, 15, 19)
-        """
-        n = keys.shape[1]
-        if queries is not None:
-            # one forward on [keys; queries]: each weight is used by fewer ops, so the outer
-            # backward accumulates fewer (out × in) gradients (slices of activations are cheap)
-            out, cache = memory_forward(W, torch.cat([keys, queries], 1), self.kind, keep=True)
-            out, reads = out[:, :n], out[:, n:]
-            cache = {"inputs": [t[:, :n] for t in cache["inputs"]],
-                     "pre": [t[:, :n] for t in cache["pre"]],
-                     **({"ln": tuple(t[:, :n] for t in cache["ln"])} if "ln" in cache else {})}
-        else:
-            out, cache = memory_forward(W, keys, self.kind, keep=True)
-            reads = None if queries is None else memory_forward(W, queries, self.kind)
-        err = out - values  # ∂ℓ_s/∂M(k_s), (N, n, d)
-        deltas = memory_backward(W, cache, err)  # δ^{(l)}: (N, n, out_l)
-        xs = cache["inputs"]  # X^{(l)}: (N, n, in_l)
-        c, d, A, B, E = coeffs
-        surprise = grad_norm = None
-        if need_stats or self.max_grad_norm is not None:
-            # ‖g_s‖² = Σ_l ‖δ_s^{(l)}‖²·‖x_s^{(l)}‖²  (g_s^{(l)} = δ_s x_sᵀ is rank one)
-            sq = sum(dl.pow(2).sum(-1) * xl.pow(2).sum(-1) for dl, xl in zip(deltas, xs))
-            grad_norm = sq.sqrt()
-            surprise = 0.5 * err.pow(2).sum(-1)
-            f = clip_factor(grad_norm, self.max_grad_norm)
-            if f is not None:
-                c, d = c * f.unsqueeze(-1), d * f.unsqueeze(-1)
-        A, B, E = A[:, None, None], B[:, None, None], E[:, None, None]
-        W_new, S_new = [], []
-        for layer, (w, s, dl, xl) in enumerate(zip(W, S, deltas, xs)):
-            j = layer if c.shape[-1] > 1 else 0
-            # Σ_s c_s δ_s x_sᵀ = (c ⊙ Δ)ᵀ X: one batched matmul, fused with the decay terms
-            # the minus signs of −(c ⊙ Δ)ᵀX, −(d ⊙ Δ)ᵀX go on the small n×out factors
-            P, Q = dl * -c[..., j, None], dl * -d[..., j, None]
-            if inplace:  # inference on buffers this call owns: no new (out × in) tensors
-                w.mul_(A).addcmul_(B, s).baddbmm_(P.transpose(-1, -2).to(w.dtype), xl.to(w.dtype))
-                s.mul_(E).baddbmm_(Q.transpose(-1, -2).to(s.dtype), xl.to(s.dtype))
-                w_end, s_end = w, s
-            else:
-                w_end, s_end = _StateUpdate.apply(w, s, A, B, E, P, Q, xl)
-            W_new.append(w_end)
-            S_new.append(s_end)
-        return W_new, S_new, reads, surprise, grad_norm
+        """One chunk: :func:`_chunk_update` with this layer's settings, compiled when the layer
+        was built with ``compile_chunks=True`` and the chunk is a full one (``chunk_size`` keys;
+        a flushed partial chunk runs eagerly, so the compiled code keeps one static shape)."""
+        step = _chunk_update
+        if self.compile_chunks and keys.shape[1] == self.chunk_size:
+            step = _compiled_chunk_update()
+        return step(W, S, keys, values, queries, coeffs, self.kind, self.max_grad_norm,
+                    need_stats, inplace, not self.compile_chunks)
 
     def _coefficients(self, logits: Tensor):
         """Coefficients of every full chunk of an aligned, already pooled stream of logits
@@ -614,7 +663,10 @@ class NeuralMemory(nn.Module):
             c, dd, A, Bc, E = self._coefficients(self._pool_gate_logits(raw_logits[:, :, :full]))
             # split everything into chunks once (unbind: no per-chunk slicing in the backward)
             per_chunk = lambda t: t.reshape(BH, n_chunks, *t.shape[3:]).to(wdtype).unbind(1)
-            c, dd, A, Bc, E = (per_chunk(t) for t in (c, dd, A, Bc, E))
+            # the coefficients in the form the update uses, for all chunks in one op each:
+            # −c, −d and A, B, E as (N, 1, 1) (none of them depends on the state)
+            c, dd = per_chunk(-c), per_chunk(-dd)
+            A, Bc, E = (per_chunk(t[..., None, None]) for t in (A, Bc, E))
             k_chunks = per_chunk(keys[:, :, :full].reshape(B, H, n_chunks, b, d))
             v_chunks = per_chunk(values[:, :, :full].reshape(B, H, n_chunks, b, d))
             # queries aligned with the stream; the P pending positions were read by an earlier call
@@ -684,8 +736,9 @@ class NeuralMemory(nn.Module):
         S = [s.reshape(BH, *s.shape[2:]) for s in state.momentum]
         W, S, _, _, _ = self._chunk_step(
             W, S, state.pending_keys.reshape(BH, P, d), state.pending_values.reshape(BH, P, d),
-            None, (c.reshape(BH, P, -1).to(wdtype), dd.reshape(BH, P, -1).to(wdtype),
-                   A.reshape(BH).to(wdtype), Bc.reshape(BH).to(wdtype), E.reshape(BH).to(wdtype)),
+            None, (-c.reshape(BH, P, -1).to(wdtype), -dd.reshape(BH, P, -1).to(wdtype),
+                   A.reshape(BH, 1, 1).to(wdtype), Bc.reshape(BH, 1, 1).to(wdtype),
+                   E.reshape(BH, 1, 1).to(wdtype)),
             False)
         empty = state.pending_keys[:, :, :0]
         return replace(state, weights=tuple(w.reshape(B, H, *w.shape[1:]) for w in W),
