@@ -107,6 +107,8 @@ class TitansConfig:
     tie_embeddings:   share the input embedding and the output projection
     seq_len:          suggested training context length (not a limit of the model)
     memory_kwargs:    extra keyword arguments for ``NeuralMemory``
+    compile_memory:   ``torch.compile`` each memory chunk update (``NeuralMemory(compile_chunks=True)``):
+                      opt-in, for GPUs, where the chunk loop is bound by kernel launches
     """
 
     variant: str = "mac"
@@ -130,6 +132,7 @@ class TitansConfig:
     tie_embeddings: bool = True
     seq_len: int = 256
     memory_kwargs: dict[str, Any] = field(default_factory=dict)
+    compile_memory: bool = False
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -213,7 +216,7 @@ def _new_memory(cfg: TitansConfig) -> nn.Module:
         chunk_size=cfg.chunk_size,
         momentum=cfg.momentum,
         forget=cfg.forget,
-        **cfg.memory_kwargs,
+        **{"compile_chunks": cfg.compile_memory, **cfg.memory_kwargs},
     )
 
 

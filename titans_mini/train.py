@@ -599,7 +599,9 @@ class Trainer:
         saved_model = ckpt.get("model_config")
         if saved_model is not None and dataclasses.is_dataclass(self.model_config):
             now = asdict(self.model_config)
-            diff = sorted(k for k in now if now[k] != saved_model.get(k))
+            # compile_memory only changes speed (and is absent from older checkpoints)
+            diff = sorted(k for k in now
+                          if k != "compile_memory" and now[k] != saved_model.get(k))
             if diff:
                 raise ValueError(
                     f"cannot resume {path}: the model config differs in {diff} "
