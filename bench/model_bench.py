@@ -3,6 +3,8 @@
     python bench/model_bench.py                      # CPU: tiny and colab-t4 (short sequences)
     python bench/model_bench.py --device cuda        # GPU: colab-t4 at its full context
     python bench/model_bench.py --presets tiny --variants transformer mag --steps 5
+    python bench/model_bench.py --device cuda --amp --presets colab-t4 \
+        --variants transformer mag mac --compile-memory   # torch.compile the memory chunk step
 
 One training step = forward, cross-entropy, backward, AdamW step. Every (preset, variant) runs
 in its own subprocess, so peak memory is not polluted by earlier runs:
@@ -13,6 +15,10 @@ in its own subprocess, so peak memory is not polluted by earlier runs:
   ``max_memory_allocated`` minus the memory allocated before the first step; CPU: the peak
   resident set size (Linux VmHWM, reset through /proc/self/clear_refs) minus the resident size
   before the first step. Includes activations, gradients and AdamW's state.
+
+``--compile-memory`` builds the memory variants with ``TitansConfig(compile_memory=True)``
+(each chunk update through ``torch.compile``); the compile happens in the warm-up steps, so
+keep ``--warmup`` >= 1 (the default).
 
 Ratios are to ``transformer`` in the same run on the same device. The script prints a Markdown
 table (paste it into bench/RESULTS.md with the device it came from).
@@ -61,7 +67,7 @@ def _reset_peak_rss() -> bool:
 
 
 def run_one(preset: str, variant: str, device: str, batch: int, seq_len: int, steps: int,
-            warmup: int, amp: bool) -> dict:
+            warmup: int, amp: bool, compile_memory: bool = False) -> dict:
     """Benchmark one (preset, variant) in this process; returns a dict of results."""
     import torch
     import torch.nn.functional as F
@@ -70,7 +76,8 @@ def run_one(preset: str, variant: str, device: str, batch: int, seq_len: int, st
 
     torch.manual_seed(0)
     dev = torch.device(device)
-    model = TitansLM(TitansConfig.preset(preset, variant=variant)).to(dev)
+    model = TitansLM(TitansConfig.preset(preset, variant=variant,
+                                         compile_memory=compile_memory)).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(0, model.cfg.vocab_size, (batch, seq_len + 1), device=dev)
     amp_dtype = None
@@ -124,6 +131,7 @@ def run_one(preset: str, variant: str, device: str, batch: int, seq_len: int, st
         "tok_s": batch * seq_len / step_time,
         "peak_mib": peak / 2**20,
         "loss": float(loss),
+        "compile_memory": compile_memory,
     }
 
 
@@ -145,6 +153,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, help="override the number of timed steps")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--amp", action="store_true", help="CUDA autocast (bf16 on >= sm80, else fp16)")
+    p.add_argument("--compile-memory", action="store_true",
+                   help="torch.compile each memory chunk update (TitansConfig.compile_memory)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads for the CPU (default: torch's)")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: child process
     args = p.parse_args(argv)
@@ -158,14 +168,15 @@ def main(argv=None) -> None:
         preset, variant = args.presets[0], args.variants[0]
         batch, seq_len, steps = DEFAULTS.get((preset, kind), (4, 128, 3))
         res = run_one(preset, variant, args.device, args.batch or batch, args.seq_len or seq_len,
-                      args.steps or steps, args.warmup, args.amp)
+                      args.steps or steps, args.warmup, args.amp, args.compile_memory)
         print("RESULT " + json.dumps(res))
         return
 
     variants = list(args.variants)
     if "transformer" not in variants:
         variants.insert(0, "transformer")  # ratios need the reference
-    print(f"device: {describe_device(args.device)}")
+    print(f"device: {describe_device(args.device)}"
+          + (", memory chunk step compiled" if args.compile_memory else ""))
     rows = []
     for preset in args.presets:
         for variant in variants:
@@ -177,6 +188,8 @@ def main(argv=None) -> None:
                     cmd += [flag, str(value)]
             if args.amp:
                 cmd.append("--amp")
+            if args.compile_memory:
+                cmd.append("--compile-memory")
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
