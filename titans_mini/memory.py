@@ -37,6 +37,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .functional import (
@@ -319,6 +320,13 @@ class NeuralMemory(nn.Module):
             update's backward is then derived by the compiler instead of the hand-written one,
             so results agree up to float rounding. The first call compiles (seconds to a
             minute); a partial chunk (:meth:`flush`) runs eagerly.
+        checkpoint_chunks: 0 (default) keeps every chunk's activations and state for the
+            backward. k ≥ 1: activation checkpointing over groups of k chunks
+            (``torch.utils.checkpoint``): the backward keeps the state only at every k-th chunk
+            boundary and recomputes the chunks in between — the (batch·heads × out × in) states
+            of every chunk are what dominates the training memory. Same values and gradients
+            (the recomputation repeats the same ops), about one extra forward of compute;
+            k ≈ √(number of chunks) keeps the least.
     """
 
     def __init__(self, dim: int, heads: int = 1, depth: int = 2, expansion: int = 4,
@@ -327,7 +335,8 @@ class NeuralMemory(nn.Module):
                  theta_max: float | None = None, theta_init: float | None = None,
                  eta_init: float = 0.9, alpha_init: float = 0.05,
                  per_layer_theta: bool = False, chunk_gates: bool = False,
-                 max_grad_norm: float | None = None, compile_chunks: bool = False):
+                 max_grad_norm: float | None = None, compile_chunks: bool = False,
+                 checkpoint_chunks: int = 0):
         super().__init__()
         for name, value, low in (("dim", dim, 1), ("heads", heads, 1), ("depth", depth, 1),
                                  ("expansion", expansion, 1), ("chunk_size", chunk_size, 1),
@@ -361,6 +370,9 @@ class NeuralMemory(nn.Module):
         self.chunk_gates = chunk_gates
         self.max_grad_norm = max_grad_norm
         self.compile_chunks = bool(compile_chunks)
+        if not isinstance(checkpoint_chunks, int) or checkpoint_chunks < 0:
+            raise ValueError(f"checkpoint_chunks must be an integer >= 0, got {checkpoint_chunks!r}")
+        self.checkpoint_chunks = checkpoint_chunks
         self.conv_kernel = conv_kernel if conv else 1
 
         # q, k, v projections (one matmul) and the causal depthwise conv over their 3·dim channels
@@ -673,15 +685,32 @@ class NeuralMemory(nn.Module):
             q_al = q[:, :, : full - P] if P == 0 else torch.cat(
                 [q.new_zeros(B, H, P, d), q[:, :, : max(full - P, 0)]], 2)
             q_chunks = q_al.reshape(BH, n_chunks, b, d).unbind(1)
-            for i in range(n_chunks):
-                W, S, r, sur, gn = self._chunk_step(
-                    W, S, k_chunks[i], v_chunks[i], q_chunks[i],
-                    (c[i], dd[i], A[i], Bc[i], E[i]), need_stats, inplace)
-                skip = P if i == 0 else 0  # pending rows: read and reported by an earlier call
-                reads.append(r[:, skip:] if skip else r)
-                if need_stats:
-                    surprise.append(sur[:, skip:])
-                    grad_norm.append(gn[:, skip:])
+
+            def run_chunks(lo, hi, W, S):
+                outs = []
+                for i in range(lo, hi):
+                    W, S, r, sur, gn = self._chunk_step(
+                        W, S, k_chunks[i], v_chunks[i], q_chunks[i],
+                        (c[i], dd[i], A[i], Bc[i], E[i]), need_stats, inplace)
+                    outs.append((r, sur, gn))
+                return W, S, outs
+
+            # activation checkpointing: autograd keeps the state only every `group` chunks and
+            # recomputes the chunks in between during the backward
+            group = self.checkpoint_chunks if torch.is_grad_enabled() else 0
+            for lo in range(0, n_chunks, group or n_chunks):
+                hi = min(lo + (group or n_chunks), n_chunks)
+                if group:
+                    W, S, outs = torch.utils.checkpoint.checkpoint(
+                        run_chunks, lo, hi, W, S, use_reentrant=False)
+                else:
+                    W, S, outs = run_chunks(lo, hi, W, S)
+                for i, (r, sur, gn) in enumerate(outs, lo):
+                    skip = P if i == 0 else 0  # pending rows: read and reported by an earlier call
+                    reads.append(r[:, skip:] if skip else r)
+                    if need_stats:
+                        surprise.append(sur[:, skip:])
+                        grad_norm.append(gn[:, skip:])
         # the unfinished chunk: its new tokens read the current state; it is not written yet
         rest_q = q.reshape(BH, T, d)[:, max(full - P, 0):]
         if rest_q.shape[1]:

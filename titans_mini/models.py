@@ -109,6 +109,8 @@ class TitansConfig:
     memory_kwargs:    extra keyword arguments for ``NeuralMemory``
     compile_memory:   ``torch.compile`` each memory chunk update (``NeuralMemory(compile_chunks=True)``):
                       opt-in, for GPUs, where the chunk loop is bound by kernel launches
+    checkpoint_memory: k ≥ 1 recomputes the memory's chunks in groups of k during the backward
+                      (``NeuralMemory(checkpoint_chunks=k)``): less training memory, same values
     """
 
     variant: str = "mac"
@@ -133,6 +135,7 @@ class TitansConfig:
     seq_len: int = 256
     memory_kwargs: dict[str, Any] = field(default_factory=dict)
     compile_memory: bool = False
+    checkpoint_memory: int = 0
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -216,7 +219,8 @@ def _new_memory(cfg: TitansConfig) -> nn.Module:
         chunk_size=cfg.chunk_size,
         momentum=cfg.momentum,
         forget=cfg.forget,
-        **{"compile_chunks": cfg.compile_memory, **cfg.memory_kwargs},
+        **{"compile_chunks": cfg.compile_memory, "checkpoint_chunks": cfg.checkpoint_memory,
+           **cfg.memory_kwargs},
     )
 
 

@@ -599,9 +599,11 @@ class Trainer:
         saved_model = ckpt.get("model_config")
         if saved_model is not None and dataclasses.is_dataclass(self.model_config):
             now = asdict(self.model_config)
-            # compile_memory only changes speed (and is absent from older checkpoints)
+            # compile/checkpoint_memory only change speed and memory use (and are absent from
+            # older checkpoints)
+            runtime_only = ("compile_memory", "checkpoint_memory")
             diff = sorted(k for k in now
-                          if k != "compile_memory" and now[k] != saved_model.get(k))
+                          if k not in runtime_only and now[k] != saved_model.get(k))
             if diff:
                 raise ValueError(
                     f"cannot resume {path}: the model config differs in {diff} "
