@@ -18,15 +18,6 @@ DT = torch.float64
 STAT_NAMES = ("reads", "surprise", "grad_norm", "theta", "eta", "alpha")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is fastest and immune to a busy shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make(dim=8, seed=0, **kw):
     torch.manual_seed(seed)
     kw.setdefault("expansion", 2)

@@ -14,16 +14,6 @@ ATTENTION_VARIANTS = ["transformer", "swa"]
 T = 36  # > 2 segments of 16, 9 chunks of 4: crosses segment, window and chunk boundaries
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny models are far below the size where intra-op threads help; one thread avoids
-    OpenMP spin-waiting when the CPU is shared (e.g. by pytest-xdist workers)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def make(variant, dtype=torch.float64, seed=0, **overrides):
     torch.manual_seed(seed)
     model = TitansLM(TitansConfig.preset("tiny", variant=variant, **overrides))
