@@ -537,8 +537,22 @@ def _have_cxx() -> bool:
     return any(shutil.which(c) for c in ([cxx] if cxx else []) + ["g++", "c++", "clang++"])
 
 
+def test_compile_chunks_refused_on_old_torch(monkeypatch):
+    """torch 2.11 compiled the chunk update's backward wrongly: refuse instead of training on
+    wrong gradients."""
+    import titans_mini.memory as memory_mod
+
+    monkeypatch.setattr(memory_mod, "_torch_version", lambda: (2, 11))
+    with pytest.raises(ValueError, match="needs torch >= 2.13"):
+        NeuralMemory(16, compile_chunks=True)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not _have_cxx(), reason="torch.compile on the CPU needs a C++ compiler")
+@pytest.mark.skipif(
+    __import__("titans_mini.memory").memory._torch_version() < (2, 13),
+    reason="compile_chunks is refused before torch 2.13",
+)
 def test_compiled_chunks_match_eager():
     """``compile_chunks=True`` (torch.compile of the chunk update) gives the eager outputs, state
     and gradients (float32 rounding only), also across a split call and a flushed partial chunk.

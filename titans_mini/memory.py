@@ -169,6 +169,16 @@ def _batch_dot(u: Tensor, v: Tensor) -> Tensor:
     return (u * v).sum((-1, -2), keepdim=True)
 
 
+# torch.compile of the chunk update (with its custom autograd backward) was verified on torch
+# 2.13; torch 2.11 produced wrong gradients for it.
+MIN_TORCH_FOR_COMPILE = (2, 13)
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
 def _logit(p: float) -> float:
     return math.log(p / (1.0 - p))
 
@@ -317,7 +327,9 @@ class NeuralMemory(nn.Module):
             GPUs, where the chunk loop is bound by kernel launches). Same maths; results agree
             with the eager path up to float rounding (the compiler fuses and reorders
             element-wise work). The first call compiles (seconds to a minute); a partial chunk
-            (:meth:`flush`) runs eagerly.
+            (:meth:`flush`) runs eagerly. Needs torch >= 2.13: under torch 2.11 the compiled
+            hand-written backward returned wrong gradients (``test_compiled_chunks_match_eager``),
+            so older versions get a ``ValueError``.
         checkpoint_chunks: 0 (default) keeps every chunk's activations and state for the
             backward. k ≥ 1: activation checkpointing over groups of k chunks
             (``torch.utils.checkpoint``): the backward keeps the state only at every k-th chunk
@@ -368,6 +380,12 @@ class NeuralMemory(nn.Module):
         self.chunk_gates = chunk_gates
         self.max_grad_norm = max_grad_norm
         self.compile_chunks = bool(compile_chunks)
+        if self.compile_chunks and _torch_version() < MIN_TORCH_FOR_COMPILE:
+            raise ValueError(
+                f"compile_chunks=True needs torch >= {'.'.join(map(str, MIN_TORCH_FOR_COMPILE))} "
+                f"(found {torch.__version__}): older versions compile the chunk update's backward "
+                "incorrectly. Use compile_chunks=False (same results, slower on a GPU) or upgrade torch."
+            )
         if not isinstance(checkpoint_chunks, int) or checkpoint_chunks < 0:
             raise ValueError(f"checkpoint_chunks must be an integer >= 0, got {checkpoint_chunks!r}")
         self.checkpoint_chunks = checkpoint_chunks
