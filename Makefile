@@ -70,7 +70,7 @@ exercises: setup
 	$(PY) -m titans_mini.exercise_gen
 
 grade: setup
-	TITANS_FAST=1 $(PY) -m pytest tests/test_exercises.py --impl exercises -p no:randomly -q
+	TITANS_FAST=1 $(PY) -m pytest tests/test_exercises.py --impl exercises -q
 
 bench: setup
 	$(PY) -m pip install -q -e ".[bench]"
