@@ -588,6 +588,14 @@ class NeuralMemory(nn.Module):
 
     # -- state checks -----------------------------------------------------------------------
 
+    def _checked_start(self, x: Tensor, state: MemoryState | None) -> MemoryState:
+        """Validate x, then return the carried state (validated) or a fresh one (document start)."""
+        self._check_input(x)
+        if state is None:
+            return self.init_state(x.shape[0], device=x.device)
+        self._check_state(state, x.shape[0])
+        return state
+
     def _check_state(self, state: MemoryState, batch: int) -> None:
         if not isinstance(state, MemoryState):
             raise ValueError(f"state must be a MemoryState, got {type(state).__name__}")
@@ -647,12 +655,7 @@ class NeuralMemory(nn.Module):
         Chunk boundaries are absolute: the carried state's P pending tokens open the first chunk,
         so ``mem(x)`` equals ``mem(x[:, :n])`` followed by ``mem(x[:, n:], state)`` for any n.
         """
-        self._check_input(x)
-        B, T, _ = x.shape
-        if state is None:
-            state = self.init_state(B, device=x.device)
-        else:
-            self._check_state(state, B)
+        state = self._checked_start(x, state)
         q, k, v, conv_context = self._project(x, state.conv_context)
         logits = self._gate_logits(x)
         reads, new_state, inner = self._run(q, k, v, logits, state, return_stats)
@@ -862,12 +865,8 @@ def sequential_reference(mem: NeuralMemory, x: Tensor, state: MemoryState | None
     it closes is the same as applying each right away; doing it at the close lets per-chunk
     pooled gates see the whole chunk.) ``flush=True`` also writes a final partial chunk.
     """
-    mem._check_input(x)
+    state = mem._checked_start(x, state)
     B, T, _ = x.shape
-    if state is None:
-        state = mem.init_state(B, device=x.device)
-    else:
-        mem._check_state(state, B)
     create_graph = torch.is_grad_enabled()
     q, k, v, conv_context = mem._project(x, state.conv_context)
     keys = torch.cat([state.pending_keys, k], 2)  # (B, H, N, d): pending tokens first
