@@ -538,20 +538,20 @@ def _have_cxx() -> bool:
 
 
 def test_compile_chunks_refused_on_old_torch(monkeypatch):
-    """torch 2.11 compiled the chunk update's backward wrongly: refuse instead of training on
-    wrong gradients."""
+    """Compiled gradients are only verified from torch 2.11 on: older versions are refused, not
+    trusted."""
     import titans_mini.memory as memory_mod
 
-    monkeypatch.setattr(memory_mod, "_torch_version", lambda: (2, 11))
-    with pytest.raises(ValueError, match="needs torch >= 2.13"):
+    monkeypatch.setattr(memory_mod, "_torch_version", lambda: (2, 10))
+    with pytest.raises(ValueError, match="needs torch >= 2.11"):
         NeuralMemory(16, compile_chunks=True)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _have_cxx(), reason="torch.compile on the CPU needs a C++ compiler")
 @pytest.mark.skipif(
-    __import__("titans_mini.memory").memory._torch_version() < (2, 13),
-    reason="compile_chunks is refused before torch 2.13",
+    __import__("titans_mini.memory").memory._torch_version() < (2, 11),
+    reason="compile_chunks is refused before torch 2.11",
 )
 def test_compiled_chunks_match_eager():
     """``compile_chunks=True`` (torch.compile of the chunk update) gives the eager outputs, state
@@ -614,3 +614,33 @@ def test_checkpoint_chunks_gives_the_same_values_and_gradients(group):
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError):
         make(checkpoint_chunks=-1)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_state_update_gradients_survive_torch_compile_tracing(backend):
+    """The hand-written state update (eqs. 14–15) traced by ``torch.compile`` (Dynamo, and
+    Dynamo + AOTAutograd; no C++ compiler needed) gives the eager gradients. torch 2.11 routed
+    the gradients of an autograd.Function that mutates its own result in its forward to the
+    wrong outputs (pytorch/pytorch#180642); the traced forward is out of place for that reason.
+    This is what ``compile_memory`` and the trainer's ``--compile`` rely on."""
+    from titans_mini.memory import _StateUpdate
+
+    torch.manual_seed(0)
+    N, n, o, i = 3, 4, 5, 6
+    args = [torch.randn(N, o, i), torch.randn(N, o, i), torch.rand(N, 1, 1), torch.rand(N, 1, 1),
+            torch.rand(N, 1, 1), torch.randn(N, n, o), torch.randn(N, n, o), torch.randn(N, n, i)]
+    args = [a.requires_grad_() for a in args]
+    weight = torch.randn(N, o, i)  # an uneven upstream gradient for Φ_end
+
+    def grads(fn):
+        W_end, S_end = fn(*args)
+        loss = (W_end * weight).sum() + S_end.square().sum()
+        return W_end, S_end, torch.autograd.grad(loss, args)
+
+    torch._dynamo.reset()
+    W_e, S_e, g_e = grads(_StateUpdate.apply)
+    W_c, S_c, g_c = grads(torch.compile(lambda *a: _StateUpdate.apply(*a), backend=backend))
+    torch.testing.assert_close(W_c, W_e)
+    torch.testing.assert_close(S_c, S_e)
+    for name, a, b in zip("W S A B E P Q X".split(), g_c, g_e):
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"∂{name}: {m}")

@@ -277,3 +277,27 @@ def test_mac_attention_pattern(causal):
         assert (h_block[..., upper] == 0).all() and (h_block[..., ~upper] > 0).all()
     else:
         assert (h_block > 0).all()
+
+
+@pytest.mark.slow
+def test_whole_model_compile_gives_eager_gradients():
+    """The trainer's ``--compile`` (``torch.compile`` of the whole model) traces the memory's
+    chunk loop and its hand-written state update: the gradients must be the eager ones. Under
+    torch 2.11 they once came out entirely wrong (relative error 1.0, pytorch/pytorch#180642).
+    Dynamo + AOTAutograd (``aot_eager``) is where that bug lived, and needs no C++ compiler."""
+    torch.manual_seed(0)
+    cfg = TitansConfig.preset("tiny", variant="mag", n_layers=1, seq_len=16)
+    model = TitansLM(cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+
+    def grads(m):
+        logits = m(x)
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        return torch.autograd.grad(logits.float().square().mean(), list(model.parameters()))
+
+    torch._dynamo.reset()
+    eager = grads(model)
+    compiled = grads(torch.compile(model, backend="aot_eager"))
+    for (name, _), a, b in zip(model.named_parameters(), compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(b.abs().max().item(), 1.0),
+                                   msg=lambda m, name=name: f"{name}: {m}")
