@@ -364,3 +364,60 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert train_mod.load_checkpoint(out / "checkpoint.pt")["step"] == 4
     config = json.loads((out / "config.json").read_text())
     assert config["world_size"] == 2
+
+
+# ---------------------------------------------------------------- out of memory
+def _fail_without_checkpointing(trainer, calls):
+    """Make the training forward raise CUDA's out-of-memory error unless the memory layers
+    recompute their chunks (as a GPU would when a batch's saved chunk states do not fit)."""
+    forward = trainer._forward
+
+    def guarded(model, inputs, state):
+        calls.append([m.checkpoint_chunks for m in trainer._memory_layers()])
+        if torch.is_grad_enabled() and not all(calls[-1]):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(model, inputs, state)
+
+    trainer._forward = guarded
+
+
+def test_out_of_memory_switches_titans_memory_to_chunk_checkpointing(tmp_path):
+    """A Titans variant that runs out of memory retries the same step with checkpointed
+    memory chunks; the step's loss and the updated weights equal a run that never ran out."""
+    cfg = TrainConfig(steps=3, lr=3e-3, eval_every=3, **QUICK)
+    ref = Trainer(tiny("mag"), "shakespeare", cfg)
+    want = [ref.train_step() for _ in range(2)]
+    trainer = Trainer(tiny("mag"), "shakespeare", cfg, out_dir=tmp_path)
+    calls = []
+    _fail_without_checkpointing(trainer, calls)
+    with pytest.warns(UserWarning, match="checkpoint_memory=8"):
+        got = [trainer.train_step()]
+    got.append(trainer.train_step())
+    n_layers = len(trainer._memory_layers())
+    assert n_layers == 2
+    assert calls == [[0, 0], [8, 8], [8, 8]]  # failed once, repeated step 1, then step 2
+    assert trainer.step == 2 and trainer.model_config.checkpoint_memory == 8
+    assert got == pytest.approx(want, rel=1e-6)
+    for a, b in zip(trainer.raw_model.parameters(), ref.raw_model.parameters()):
+        torch.testing.assert_close(a, b)
+    trainer.fit()  # the run finishes; the recorded config is still the original one
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["checkpoint_memory"] == 0
+
+
+@pytest.mark.parametrize("variant", ["transformer", "mag"])
+def test_out_of_memory_without_a_way_out_says_what_to_lower(variant):
+    """Nothing left to switch on (a transformer; or Titans already checkpointed): the error
+    names the batch shape and the settings to lower, and keeps the original error as cause."""
+    cfg = TrainConfig(steps=2, **QUICK)
+    model = tiny(variant, **({"checkpoint_memory": 8} if variant == "mag" else {}))
+    trainer = Trainer(model, "shakespeare", cfg)
+
+    def always_oom(model, inputs, state):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    trainer._forward = always_oom
+    with pytest.raises(torch.cuda.OutOfMemoryError, match=r"batch \(8, 32\).*--batch-size") as e:
+        trainer.train_step()
+    assert "Tried to allocate" in str(e.value) and e.value.__cause__ is not None
+    assert ("checkpoint_memory group" in str(e.value)) == (variant == "mag")
+    assert trainer.step == 0

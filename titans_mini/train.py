@@ -78,6 +78,7 @@ __all__ = [
 ]
 
 CHECKPOINT = "checkpoint.pt"
+OOM_CHECKPOINT_CHUNKS = 8  # chunk-checkpointing group switched on after an out-of-memory error
 METRICS = "metrics.jsonl"
 CONFIG = "config.json"
 SAMPLE = "sample.txt"
@@ -651,18 +652,37 @@ class Trainer:
         return b.inputs, b.targets, b.reset
 
     def train_step(self) -> float:
-        """One optimizer step; returns the training loss."""
+        """One optimizer step; returns the training loss.
+
+        If the device runs out of memory in the forward or backward of a Titans variant, the
+        memory layers switch to chunk checkpointing (``checkpoint_memory``; the same values and
+        gradients, recomputed in the backward: about 3× less memory, about 40 % slower on a GPU)
+        and the step is repeated. Otherwise the error says what to lower."""
         cfg = self.cfg
         self.model.train()
         inputs, targets, reset = self._next_batch()
         inputs, targets = inputs.to(self.device), targets.to(self.device)
         if reset:
             self.state = None
-        logits, new_state = self._forward(self.model, inputs, self.state)
-        loss = F.cross_entropy(
-            logits.float().flatten(0, 1), targets.flatten(), ignore_index=tasks_mod.IGNORE_INDEX
-        )
-        self.scaler.scale(loss).backward()
+        try:
+            logits, new_state = self._forward(self.model, inputs, self.state)
+            loss = F.cross_entropy(
+                logits.float().flatten(0, 1), targets.flatten(),
+                ignore_index=tasks_mod.IGNORE_INDEX,
+            )  # fmt: skip
+            self.scaler.scale(loss).backward()
+        except torch.cuda.OutOfMemoryError as err:
+            # the traceback holds the step's activations: leave the except block before retrying
+            outcome = self._out_of_memory(err, inputs.shape)
+        else:
+            outcome = None
+        if outcome is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if isinstance(outcome, Exception):
+                raise outcome
+            return self.train_step()  # the same step: batches depend only on the step number
         if cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
@@ -673,6 +693,43 @@ class Trainer:
         self.state = _detach(new_state) if (cfg.segments > 1 and self.task is None) else None
         self.step += 1
         return loss.item()
+
+    def _memory_layers(self) -> list[nn.Module]:
+        return [m for m in self.raw_model.modules() if hasattr(m, "checkpoint_chunks")]
+
+    def _out_of_memory(self, err: Exception, shape) -> bool | Exception:
+        """After an out-of-memory error in a training step: True when chunk checkpointing was
+        switched on (repeat the step), else the error to raise, with advice."""
+        layers = self._memory_layers()
+        group = OOM_CHECKPOINT_CHUNKS
+        if self.world_size == 1 and layers and all(m.checkpoint_chunks == 0 for m in layers):
+            for m in layers:
+                m.checkpoint_chunks = group
+            if dataclasses.is_dataclass(self.model_config) and hasattr(
+                self.model_config, "checkpoint_memory"
+            ):
+                self.model_config = dataclasses.replace(
+                    self.model_config, checkpoint_memory=group
+                )
+            warnings.warn(
+                f"out of memory at batch {tuple(shape)}: the memory layers now recompute their "
+                f"chunks in groups of {group} during the backward (checkpoint_memory={group}; "
+                "same results, less memory, slower). Set it yourself to skip this retry, e.g. "
+                f"--set checkpoint_memory={group}.",
+                stacklevel=3,
+            )
+            return True
+        tips = [f"lower --batch-size (now {shape[0]}) or --seq-len (now {shape[1]})"]
+        if layers and all(m.checkpoint_chunks == 0 for m in layers):
+            tips.append(f"--set checkpoint_memory={group} (less memory, same results, slower)")
+        elif layers:
+            tips.append("a smaller checkpoint_memory group (1 keeps the least)")
+        error = torch.cuda.OutOfMemoryError(
+            f"{self.device.type} ran out of memory in a training step at batch "
+            f"{tuple(shape)}: {'; or '.join(tips)}. Original error: {str(err).splitlines()[0]}"
+        )
+        error.__cause__ = err
+        return error
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
