@@ -21,7 +21,8 @@ What it does, step by step:
 * **Optimisation**: AdamW (weight decay on matrices only), linear warm-up then cosine decay to
   ``min_lr_ratio · lr``, gradient clipping, mixed precision chosen by ``titans_mini.device``
   (bf16 on compute capability ≥ 8.0, fp16 + gradient scaler on a T4, fp32 on the CPU), and
-  optionally ``torch.compile``.
+  optionally ``torch.compile``. A Titans variant that runs out of GPU memory switches its memory
+  layers to chunk checkpointing (exact, slower) and repeats the step.
 * **Data**: a text corpus (``titans_mini.data``) or a synthetic task (``titans_mini.tasks``:
   ``mqar``, ``sniah_lite``, ``selective_copy``). Batch ``step`` is a pure function of the step,
   so resuming needs only the step count. With ``segments = K > 1`` each row is a document
