@@ -7,7 +7,9 @@
 # models (model benchmark, eager) | speed (memory variants with the opt-in compiled chunk step
 # and chunk checkpointing) | train (colab-t4 training runs, a Markdown table at the end).
 # TRAIN_VARIANTS entries are variant names; "mag+compile" trains mag with compile_memory=true.
-# Each part has its own time limit so one slow part cannot eat the others' budget.
+# Each part has its own time limit so one slow part cannot eat the others' budget; all parts
+# together exceed one 600 s device call, so pick parts per call, e.g. (about 6 minutes):
+#   TRAIN_STEPS=200 TRAIN_VARIANTS="transformer mag" bash bench/gpu_check.sh env compile train
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
