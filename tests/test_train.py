@@ -421,3 +421,15 @@ def test_out_of_memory_without_a_way_out_says_what_to_lower(variant):
     assert "Tried to allocate" in str(e.value) and e.value.__cause__ is not None
     assert ("checkpoint_memory group" in str(e.value)) == (variant == "mag")
     assert trainer.step == 0
+
+
+def test_compile_with_memory_refused_on_unverified_torch(monkeypatch):
+    """``--compile`` traces the memory's hand-written update; like ``compile_memory`` it is
+    refused on torch versions where its gradients are not verified (baselines are not)."""
+    import titans_mini.memory as memory_mod
+
+    monkeypatch.setattr(memory_mod, "_torch_version", lambda: (2, 10))
+    cfg = TrainConfig(steps=1, compile=True, **QUICK)
+    with pytest.raises(ValueError, match=r"needs torch >= 2\.11.*without --compile"):
+        Trainer(tiny("mag"), "shakespeare", cfg)
+    Trainer(tiny("transformer"), "shakespeare", cfg)  # nothing of the memory to trace

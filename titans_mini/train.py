@@ -516,6 +516,17 @@ class Trainer:
                 self.raw_model, device_ids=ids, find_unused_parameters=cfg.segments > 1
             )
         if cfg.compile:
+            from titans_mini import memory as memory_mod
+
+            if self._memory_layers() and (
+                memory_mod._torch_version() < memory_mod.MIN_TORCH_FOR_COMPILE
+            ):
+                need = ".".join(map(str, memory_mod.MIN_TORCH_FOR_COMPILE))
+                raise ValueError(
+                    f"compile=True with a Titans variant needs torch >= {need} (found "
+                    f"{torch.__version__}): the compiled memory update's gradients are only "
+                    "verified from that version on. Train without --compile, or upgrade torch."
+                )
             self.model = torch.compile(self.model)
 
         # ---- progress
