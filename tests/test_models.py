@@ -301,3 +301,21 @@ def test_whole_model_compile_gives_eager_gradients():
     for (name, _), a, b in zip(model.named_parameters(), compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(b.abs().max().item(), 1.0),
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_memory_forgets_slower_than_the_window_slides(name):
+    """Every memory's initial forgetting rate comes from ``memory_alpha_init``: its horizon
+    1/α must reach beyond the attention window, or the memory only repeats what attention
+    already sees (with α = 0.05 every Titans variant trained far worse than SWA once the state
+    was carried across segments; bench/RESULTS.md). ``memory_kwargs`` still wins."""
+    cfg = TitansConfig.preset(name, variant="mag")
+    assert 1 / cfg.memory_alpha_init > cfg.window
+    u = torch.zeros(1, 4, cfg.dim)  # gate logits = their biases: the initial rates
+    for alpha, kwargs in ((cfg.memory_alpha_init, {}), (0.05, {"memory_kwargs": {"alpha_init": 0.05}})):
+        model = TitansLM(cfg.replace(n_layers=1, **kwargs))
+        memory = model.blocks[0].mixers[0].memory
+        _, _, got = memory.gates(u)
+        torch.testing.assert_close(got, torch.full_like(got, alpha))
+    with pytest.raises(ValueError, match="memory_alpha_init"):
+        TitansConfig.preset(name, variant="mag", memory_alpha_init=0.0)

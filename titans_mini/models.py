@@ -106,7 +106,13 @@ class TitansConfig:
     rope_base:        RoPE base frequency
     tie_embeddings:   share the input embedding and the output projection
     seq_len:          suggested training context length (not a limit of the model)
-    memory_kwargs:    extra keyword arguments for ``NeuralMemory``
+    memory_alpha_init: initial forgetting rate α of every memory (the gate bias; α stays
+                      data-dependent and learned). 0.005 keeps about 1/α = 200 tokens, longer than
+                      every preset's attention window; 0.05 (``NeuralMemory``'s default, the
+                      reference's suggestion) forgets within ~20 tokens, and with the state carried
+                      across segments every Titans variant then trained far worse than SWA
+                      (bench/RESULTS.md, "Forgetting rate")
+    memory_kwargs:    extra keyword arguments for ``NeuralMemory`` (they win over the fields above)
     compile_memory:   ``torch.compile`` each memory chunk update (``NeuralMemory(compile_chunks=True)``):
                       opt-in, for GPUs, where the chunk loop is bound by kernel launches
     checkpoint_memory: k ≥ 1 recomputes the memory's chunks in groups of k during the backward
@@ -133,6 +139,7 @@ class TitansConfig:
     rope_base: float = 10000.0
     tie_embeddings: bool = True
     seq_len: int = 256
+    memory_alpha_init: float = 0.005
     memory_kwargs: dict[str, Any] = field(default_factory=dict)
     compile_memory: bool = False
     checkpoint_memory: int = 0
@@ -145,6 +152,8 @@ class TitansConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0 < self.memory_alpha_init < 1:
+            raise ValueError(f"memory_alpha_init must be in (0, 1), got {self.memory_alpha_init}")
         if self.n_persistent < 0:
             raise ValueError(f"n_persistent must be >= 0, got {self.n_persistent}")
         if self.dim % self.n_heads:
@@ -219,8 +228,8 @@ def _new_memory(cfg: TitansConfig) -> nn.Module:
         chunk_size=cfg.chunk_size,
         momentum=cfg.momentum,
         forget=cfg.forget,
-        **{"compile_chunks": cfg.compile_memory, "checkpoint_chunks": cfg.checkpoint_memory,
-           **cfg.memory_kwargs},
+        **{"alpha_init": cfg.memory_alpha_init, "compile_chunks": cfg.compile_memory,
+           "checkpoint_chunks": cfg.checkpoint_memory, **cfg.memory_kwargs},
     )
 
 
