@@ -7,14 +7,16 @@ Each variant is trained with ``titans_mini.train.Trainer`` on the bundled Shakes
 streamed in ``--segments`` consecutive segments, state carried). Then, on held-out plays, each
 probe sequence is::
 
-    P (passage, --passage bytes) | F (filler from another play, --gaps bytes) | X
+    repeat:   P | F | P        control:   Q | F | P
 
-with X = P again (repeat) or X = Q, a fresh passage of the same length (control). The gap is
-far longer than the attention window of swa / mag / lmm, so attention cannot see the first P
-when X is read; only the memory state can carry it. The table gives the mean loss (nats/byte)
-on P the first time, on X = Q, on X = P, and the memorisation gain = loss(Q) − loss(P repeat)
-(same positions, same context length; > 0 means the repeat is predicted better). A
-sliding-window transformer (swa) is the control: its gain should be about 0.
+with P and Q two passages (--passage bytes) of the same held-out play and F filler from another
+play (--gaps bytes). The loss is measured on the last P in both: same text, same position, same
+context length; the only difference is whether that text was seen before the gap. The gap is
+longer than the attention window of swa / mag / lmm, so attention cannot see the first P; only
+the memory state can carry it. The table gives the mean loss (nats/byte) on the first P, on the
+last P of the control and of the repeat, and the memorisation gain = control − repeat (> 0: the
+repeat is predicted better). A sliding-window transformer (swa) is the control model: its gain
+should be about 0.
 
 Prints a Markdown table with the machine it ran on (paste it into bench/RESULTS.md).
 """
@@ -40,7 +42,8 @@ def per_token_loss(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def probe_sequences(trainer: Trainer, n: int, passage: int, gap: int, seed: int = 0):
-    """(repeat, control) token batches (n, 2·passage + gap) from the validation plays."""
+    """(repeat, control) token batches (n, 2·passage + gap) from the validation plays:
+    P | F | P and Q | F | P."""
     enc = trainer.tokenizer.encode
     docs = [enc(d.text) for d in trainer.text.corpus.val]
     g = torch.Generator().manual_seed(seed)
@@ -52,7 +55,7 @@ def probe_sequences(trainer: Trainer, n: int, passage: int, gap: int, seed: int 
         f = int(torch.randint(0, len(b) - gap, (1,), generator=g))
         P, Q, filler = a[s: s + passage], a[s + passage: s + need], b[f: f + gap]
         rep.append(P + filler + P)
-        ctl.append(P + filler + Q)
+        ctl.append(Q + filler + P)
     return torch.tensor(rep), torch.tensor(ctl)
 
 
@@ -92,8 +95,8 @@ def main() -> None:
             with torch.no_grad(), trainer.precision.autocast(trainer.device):
                 lr_ = per_token_loss(model, rep.to(trainer.device)).cpu()
                 lc = per_token_loss(model, ctl.to(trainer.device)).cpu()
-            # losses predicting tokens 1..n−1 of the first P and of X (X's first token follows
-            # the filler and is excluded in both)
+            # losses predicting tokens 1..n−1 of the first P and of the last P (whose first token
+            # follows the filler and is excluded in both)
             first = lr_[:, : n - 1].mean().item()
             x_rep = lr_[:, L - n:].mean().item()
             x_ctl = lc[:, L - n:].mean().item()
@@ -104,9 +107,9 @@ def main() -> None:
     print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"device {trainer.device}, preset {args.preset}, {args.steps} steps of "
           f"{args.batch_size} × {args.segments} × {trainer.seq_len} bytes; probes: {args.probes} "
-          f"× (passage {args.passage} | gap | repeat or fresh passage), held-out plays\n")
+          f"× (P or Q | gap | P), passages of {args.passage} bytes, held-out plays\n")
     print("| variant | gap | train loss | val loss | train min | loss on P (first) | "
-          "loss on fresh Q | loss on P (repeat) | memorisation gain |")
+          "loss on last P after Q (control) | loss on last P after P (repeat) | memorisation gain |")
     print("|---|---|---|---|---|---|---|---|---|")
     for v, gap, tl, vl, m, first, xc, xr in rows:
         print(f"| {v} | {gap} | {tl:.3f} | {vl:.3f} | {m:.1f} | {first:.3f} | {xc:.3f} | "
