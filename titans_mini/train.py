@@ -735,7 +735,7 @@ class Trainer:
         if layers and all(m.checkpoint_chunks == 0 for m in layers):
             tips.append(f"--set checkpoint_memory={group} (less memory, same results, slower)")
         elif layers:
-            tips.append("a smaller checkpoint_memory group (1 keeps the least)")
+            tips.append("a checkpoint_memory group near √(chunks per row), which keeps the least")
         error = torch.cuda.OutOfMemoryError(
             f"{self.device.type} ran out of memory in a training step at batch "
             f"{tuple(shape)}: {'; or '.join(tips)}. Original error: {str(err).splitlines()[0]}"
