@@ -122,7 +122,7 @@ def test_hf_sources_fail_fast_without_datasets_or_network(name, monkeypatch):
         load_corpus(name)
     monkeypatch.delenv("HF_DATASETS_OFFLINE")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(data, "_online", lambda *a, **k: False)
+    monkeypatch.setattr(data, "hf_reachable", lambda *a, **k: False)
     with pytest.raises(CorpusUnavailableError, match="not reachable"):
         load_corpus(name)
 

@@ -44,6 +44,7 @@ __all__ = [
     "Document",
     "Corpus",
     "CorpusUnavailableError",
+    "hf_reachable",
     "load_corpus",
     "CORPORA",
     "SHAKESPEARE_VAL_WORKS",
@@ -348,7 +349,8 @@ _HF_SOURCES = {
 }
 
 
-def _online(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+def hf_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """True when the Hugging Face hub answers on port 443 (one short connection attempt)."""
     try:
         with socket.create_connection((host, 443), timeout=timeout):
             return True
@@ -374,7 +376,7 @@ def _load_hf(name: str, max_docs: int | None) -> Corpus:
             f"corpus {name!r} must be downloaded, but Hugging Face offline mode is on "
             f"({' / '.join(offline_vars)}). Unset it, or use 'shakespeare' or a local path."
         )
-    if not _online():
+    if not hf_reachable():
         raise CorpusUnavailableError(
             f"corpus {name!r} must be downloaded from huggingface.co, which is not reachable. "
             "Connect to the internet (e.g. on Colab), or use 'shakespeare' or a local path."

@@ -28,7 +28,25 @@ __all__ = [
     "is_colab",
     "fast_mode",
     "describe",
+    "torch_version",
+    "MIN_TORCH_FOR_COMPILE",
+    "compile_supported",
 ]
+
+# torch.compile of the memory's chunk update (with its hand-written backward) is verified against
+# the eager path on torch 2.11 (Colab's version) and 2.13; older versions are not tested.
+MIN_TORCH_FOR_COMPILE = (2, 11)
+
+
+def torch_version() -> tuple[int, int]:
+    """(major, minor) of the installed torch, e.g. (2, 11) for "2.11.0+cu126"."""
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def compile_supported() -> bool:
+    """True when this torch is one on which compiled memory updates are verified (>= 2.11)."""
+    return torch_version() >= MIN_TORCH_FOR_COMPILE
 
 
 def is_colab() -> bool:

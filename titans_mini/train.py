@@ -1061,7 +1061,7 @@ def _check_hf_available(name: str) -> None:
             f"corpus {name!r} needs the `datasets` package: pip install datasets "
             "(or use 'shakespeare' or a local path)"
         ) from err
-    if not data_mod._online():
+    if not data_mod.hf_reachable():
         raise data_mod.CorpusUnavailableError(
             f"corpus {name!r} must be downloaded from huggingface.co, which is not reachable"
         )
