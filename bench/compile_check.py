@@ -8,7 +8,7 @@ The CPU test suite checks the same on the CPU (``test_compiled_chunks_match_eage
 backend (Triton), so a GPU machine gets its own check before compiled speed figures are trusted.
 Two cases, each compared with the eager model on the same input:
 
-* ``compile_memory``: ``TitansConfig(compile_memory=True)``, the per-chunk update compiled;
+* ``compile_chunks``: ``TitansConfig(compile_chunks=True)``, the per-chunk update compiled;
 * whole model: ``torch.compile(model)``, what ``python -m titans_mini.train --compile`` does.
 
 Prints one Markdown row per case with the largest gradient error relative to that gradient's
@@ -49,10 +49,10 @@ def main() -> int:
     want = gradients(eager, list(eager.parameters()), x)
 
     chunk_compiled = TitansLM(TitansConfig.preset(
-        "tiny", variant=args.variant, n_layers=2, seq_len=32, compile_memory=True)).to(args.device)
+        "tiny", variant=args.variant, n_layers=2, seq_len=32, compile_chunks=True)).to(args.device)
     chunk_compiled.load_state_dict(eager.state_dict())
     cases = {
-        "compile_memory=True": (chunk_compiled, list(chunk_compiled.parameters())),
+        "compile_chunks=True": (chunk_compiled, list(chunk_compiled.parameters())),
         "torch.compile(model)": (torch.compile(eager), list(eager.parameters())),
     }
     print(f"torch {torch.__version__}, device {args.device}, variant {args.variant}\n")

@@ -6,7 +6,7 @@
 # eager on this GPU: bench/compile_check.py) | memory (memory layer vs titans-pytorch 0.5.5) |
 # models (model benchmark, eager) | speed (memory variants with the opt-in compiled chunk step
 # and chunk checkpointing) | train (colab-t4 training runs, a Markdown table at the end).
-# TRAIN_VARIANTS entries are variant names; "mag+compile" trains mag with compile_memory=true.
+# TRAIN_VARIANTS entries are variant names; "mag+compile" trains mag with compile_chunks=true.
 # Each part has its own time limit so one slow part cannot eat the others' budget; all parts
 # together exceed one 600 s device call, so pick parts per call, e.g. (about 6 minutes):
 #   TRAIN_STEPS=200 TRAIN_VARIANTS="transformer mag" bash bench/gpu_check.sh env compile train
@@ -51,14 +51,14 @@ for part in $PARTS; do
         timeout 60 python3 bench/model_bench.py --device cuda --amp --presets colab-t4 \
           --variants transformer mag mac
         TORCH_LOGS=recompiles timeout 130 python3 bench/model_bench.py --device cuda --amp \
-          --presets colab-t4 --variants transformer mag --compile-memory
+          --presets colab-t4 --variants transformer mag --compile-chunks
         timeout 45 python3 bench/model_bench.py --device cuda --amp --presets colab-t4 \
           --variants transformer mag --checkpoint-chunks 8
       } 2>&1 | tee "$OUT/speed_cuda.txt" ;;
     train)
       for spec in $TRAIN_VARIANTS; do
         v="${spec%%+*}"; extra=()
-        [ "$spec" != "$v" ] && extra=(--set compile_memory=true)
+        [ "$spec" != "$v" ] && extra=(--set compile_chunks=true)
         start=$(date +%s)
         timeout "$TRAIN_TIMEOUT" python3 -m titans_mini.train --preset "$TRAIN_PRESET" --variant "$v" \
           --steps "$TRAIN_STEPS" --out "/tmp/run_$spec" --device "$TRAIN_DEVICE" --no-progress \

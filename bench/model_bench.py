@@ -4,7 +4,7 @@
     python bench/model_bench.py --device cuda        # GPU: colab-t4 at its full context
     python bench/model_bench.py --presets tiny --variants transformer mag --steps 5
     python bench/model_bench.py --device cuda --amp --presets colab-t4 \
-        --variants transformer mag mac --compile-memory   # torch.compile the memory chunk step
+        --variants transformer mag mac --compile-chunks   # torch.compile the memory chunk step
     python bench/model_bench.py --device cuda --amp --presets colab-t4 --checkpoint-chunks 6
 
 One training step = forward, cross-entropy, backward, AdamW step. Every (preset, variant) runs
@@ -17,10 +17,10 @@ in its own subprocess, so peak memory is not polluted by earlier runs:
   resident set size (Linux VmHWM, reset through /proc/self/clear_refs) minus the resident size
   before the first step. Includes activations, gradients and AdamW's state.
 
-``--compile-memory`` builds the memory variants with ``TitansConfig(compile_memory=True)``
+``--compile-chunks`` builds the memory variants with ``TitansConfig(compile_chunks=True)``
 (each chunk update through ``torch.compile``); the compile happens in the warm-up steps, so
 keep ``--warmup`` >= 1 (the default). ``--checkpoint-chunks K`` recomputes the memory's chunks
-in groups of K in the backward (``TitansConfig(checkpoint_memory=K)``): less memory, more time.
+in groups of K in the backward (``TitansConfig(checkpoint_chunks=K)``): less memory, more time.
 
 Ratios are to ``transformer`` in the same run on the same device. The script prints a Markdown
 table (paste it into bench/RESULTS.md with the device it came from).
@@ -69,7 +69,7 @@ def _reset_peak_rss() -> bool:
 
 
 def run_one(preset: str, variant: str, device: str, batch: int, seq_len: int, steps: int,
-            warmup: int, amp: bool, compile_memory: bool = False,
+            warmup: int, amp: bool, compile_chunks: bool = False,
             checkpoint_chunks: int = 0) -> dict:
     """Benchmark one (preset, variant) in this process; returns a dict of results."""
     import torch
@@ -80,8 +80,8 @@ def run_one(preset: str, variant: str, device: str, batch: int, seq_len: int, st
     torch.manual_seed(0)
     dev = torch.device(device)
     model = TitansLM(TitansConfig.preset(preset, variant=variant,
-                                         compile_memory=compile_memory,
-                                         checkpoint_memory=checkpoint_chunks)).to(dev)
+                                         compile_chunks=compile_chunks,
+                                         checkpoint_chunks=checkpoint_chunks)).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(0, model.cfg.vocab_size, (batch, seq_len + 1), device=dev)
     amp_dtype = None
@@ -135,7 +135,7 @@ def run_one(preset: str, variant: str, device: str, batch: int, seq_len: int, st
         "tok_s": batch * seq_len / step_time,
         "peak_mib": peak / 2**20,
         "loss": float(loss),
-        "compile_memory": compile_memory,
+        "compile_chunks": compile_chunks,
         "checkpoint_chunks": checkpoint_chunks,
     }
 
@@ -158,8 +158,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, help="override the number of timed steps")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--amp", action="store_true", help="CUDA autocast (bf16 on >= sm80, else fp16)")
-    p.add_argument("--compile-memory", action="store_true",
-                   help="torch.compile each memory chunk update (TitansConfig.compile_memory)")
+    p.add_argument("--compile-chunks", action="store_true",
+                   help="torch.compile each memory chunk update (TitansConfig.compile_chunks)")
     p.add_argument("--checkpoint-chunks", type=int, default=0, metavar="K",
                    help="recompute memory chunks in groups of K in the backward (0 = off)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads for the CPU (default: torch's)")
@@ -175,7 +175,7 @@ def main(argv=None) -> None:
         preset, variant = args.presets[0], args.variants[0]
         batch, seq_len, steps = DEFAULTS.get((preset, kind), (4, 128, 3))
         res = run_one(preset, variant, args.device, args.batch or batch, args.seq_len or seq_len,
-                      args.steps or steps, args.warmup, args.amp, args.compile_memory,
+                      args.steps or steps, args.warmup, args.amp, args.compile_chunks,
                       args.checkpoint_chunks)
         print("RESULT " + json.dumps(res))
         return
@@ -184,7 +184,7 @@ def main(argv=None) -> None:
     if "transformer" not in variants:
         variants.insert(0, "transformer")  # ratios need the reference
     print(f"device: {describe_device(args.device)}"
-          + (", memory chunk step compiled" if args.compile_memory else "")
+          + (", memory chunk step compiled" if args.compile_chunks else "")
           + (f", memory chunks checkpointed in groups of {args.checkpoint_chunks}"
              if args.checkpoint_chunks else ""))
     rows = []
@@ -198,8 +198,8 @@ def main(argv=None) -> None:
                     cmd += [flag, str(value)]
             if args.amp:
                 cmd.append("--amp")
-            if args.compile_memory:
-                cmd.append("--compile-memory")
+            if args.compile_chunks:
+                cmd.append("--compile-chunks")
             if args.checkpoint_chunks:
                 cmd += ["--checkpoint-chunks", str(args.checkpoint_chunks)]
             if args.threads:

@@ -622,7 +622,7 @@ def test_state_update_gradients_survive_torch_compile_tracing(backend):
     Dynamo + AOTAutograd; no C++ compiler needed) gives the eager gradients. torch 2.11 routed
     the gradients of an autograd.Function that mutates its own result in its forward to the
     wrong outputs (pytorch/pytorch#180642); the traced forward is out of place for that reason.
-    This is what ``compile_memory`` and the trainer's ``--compile`` rely on."""
+    This is what ``compile_chunks`` and the trainer's ``--compile`` rely on."""
     from titans_mini.memory import _StateUpdate
 
     torch.manual_seed(0)

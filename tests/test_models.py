@@ -305,17 +305,17 @@ def test_whole_model_compile_gives_eager_gradients():
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_memory_forgets_slower_than_the_window_slides(name):
-    """Every memory's initial forgetting rate comes from ``memory_alpha_init``: its horizon
+    """Every memory's initial forgetting rate comes from ``alpha_init``: its horizon
     1/α must reach beyond the attention window, or the memory only repeats what attention
     already sees (with α = 0.05 every Titans variant trained far worse than SWA once the state
     was carried across segments; bench/RESULTS.md). ``memory_kwargs`` still wins."""
     cfg = TitansConfig.preset(name, variant="mag")
-    assert 1 / cfg.memory_alpha_init > cfg.window
+    assert 1 / cfg.alpha_init > cfg.window
     u = torch.zeros(1, 4, cfg.dim)  # gate logits = their biases: the initial rates
-    for alpha, kwargs in ((cfg.memory_alpha_init, {}), (0.05, {"memory_kwargs": {"alpha_init": 0.05}})):
+    for alpha, kwargs in ((cfg.alpha_init, {}), (0.05, {"memory_kwargs": {"alpha_init": 0.05}})):
         model = TitansLM(cfg.replace(n_layers=1, **kwargs))
         memory = model.blocks[0].mixers[0].memory
         _, _, got = memory.gates(u)
         torch.testing.assert_close(got, torch.full_like(got, alpha))
-    with pytest.raises(ValueError, match="memory_alpha_init"):
-        TitansConfig.preset(name, variant="mag", memory_alpha_init=0.0)
+    with pytest.raises(ValueError, match="alpha_init"):
+        TitansConfig.preset(name, variant="mag", alpha_init=0.0)

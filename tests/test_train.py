@@ -390,18 +390,18 @@ def test_out_of_memory_switches_titans_memory_to_chunk_checkpointing(tmp_path):
     trainer = Trainer(tiny("mag"), "shakespeare", cfg, out_dir=tmp_path)
     calls = []
     _fail_without_checkpointing(trainer, calls)
-    with pytest.warns(UserWarning, match="checkpoint_memory=8"):
+    with pytest.warns(UserWarning, match="checkpoint_chunks=8"):
         got = [trainer.train_step()]
     got.append(trainer.train_step())
     n_layers = len(trainer._memory_layers())
     assert n_layers == 2
     assert calls == [[0, 0], [8, 8], [8, 8]]  # failed once, repeated step 1, then step 2
-    assert trainer.step == 2 and trainer.model_config.checkpoint_memory == 8
+    assert trainer.step == 2 and trainer.model_config.checkpoint_chunks == 8
     assert got == pytest.approx(want, rel=1e-6)
     for a, b in zip(trainer.raw_model.parameters(), ref.raw_model.parameters()):
         torch.testing.assert_close(a, b)
     trainer.fit()  # the run finishes; the recorded config is still the original one
-    assert json.loads((tmp_path / "config.json").read_text())["model"]["checkpoint_memory"] == 0
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["checkpoint_chunks"] == 0
 
 
 @pytest.mark.parametrize("variant", ["transformer", "mag"])
@@ -409,7 +409,7 @@ def test_out_of_memory_without_a_way_out_says_what_to_lower(variant):
     """Nothing left to switch on (a transformer; or Titans already checkpointed): the error
     names the batch shape and the settings to lower, and keeps the original error as cause."""
     cfg = TrainConfig(steps=2, **QUICK)
-    model = tiny(variant, **({"checkpoint_memory": 8} if variant == "mag" else {}))
+    model = tiny(variant, **({"checkpoint_chunks": 8} if variant == "mag" else {}))
     trainer = Trainer(model, "shakespeare", cfg)
 
     def always_oom(model, inputs, state):
@@ -419,12 +419,12 @@ def test_out_of_memory_without_a_way_out_says_what_to_lower(variant):
     with pytest.raises(torch.cuda.OutOfMemoryError, match=r"batch \(8, 32\).*--batch-size") as e:
         trainer.train_step()
     assert "Tried to allocate" in str(e.value) and e.value.__cause__ is not None
-    assert ("checkpoint_memory group" in str(e.value)) == (variant == "mag")
+    assert ("checkpoint_chunks group" in str(e.value)) == (variant == "mag")
     assert trainer.step == 0
 
 
 def test_compile_with_memory_refused_on_unverified_torch(monkeypatch):
-    """``--compile`` traces the memory's hand-written update; like ``compile_memory`` it is
+    """``--compile`` traces the memory's hand-written update; like ``compile_chunks`` it is
     refused on torch versions where its gradients are not verified (baselines are not)."""
     import titans_mini.memory as memory_mod
 

@@ -106,16 +106,16 @@ class TitansConfig:
     rope_base:        RoPE base frequency
     tie_embeddings:   share the input embedding and the output projection
     seq_len:          suggested training context length (not a limit of the model)
-    memory_alpha_init: initial forgetting rate α of every memory (the gate bias; α stays
+    alpha_init:       initial forgetting rate α of every memory (the gate bias; α stays
                       data-dependent and learned). 0.005 keeps about 1/α = 200 tokens, longer than
                       every preset's attention window; 0.05 (``NeuralMemory``'s default, the
                       reference's suggestion) forgets within ~20 tokens, and with the state carried
                       across segments every Titans variant then trained far worse than SWA
                       (bench/RESULTS.md, "Forgetting rate")
     memory_kwargs:    extra keyword arguments for ``NeuralMemory`` (they win over the fields above)
-    compile_memory:   ``torch.compile`` each memory chunk update (``NeuralMemory(compile_chunks=True)``):
+    compile_chunks:   ``torch.compile`` each memory chunk update (``NeuralMemory(compile_chunks=True)``):
                       opt-in, for GPUs, where the chunk loop is bound by kernel launches
-    checkpoint_memory: k ≥ 1 recomputes the memory's chunks in groups of k during the backward
+    checkpoint_chunks: k ≥ 1 recomputes the memory's chunks in groups of k during the backward
                       (``NeuralMemory(checkpoint_chunks=k)``): less training memory, same values
     """
 
@@ -139,10 +139,10 @@ class TitansConfig:
     rope_base: float = 10000.0
     tie_embeddings: bool = True
     seq_len: int = 256
-    memory_alpha_init: float = 0.005
+    alpha_init: float = 0.005
     memory_kwargs: dict[str, Any] = field(default_factory=dict)
-    compile_memory: bool = False
-    checkpoint_memory: int = 0
+    compile_chunks: bool = False
+    checkpoint_chunks: int = 0
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -152,24 +152,21 @@ class TitansConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not 0 < self.memory_alpha_init < 1:
-            raise ValueError(f"memory_alpha_init must be in (0, 1), got {self.memory_alpha_init}")
+        if not 0 < self.alpha_init < 1:
+            raise ValueError(f"alpha_init must be in (0, 1), got {self.alpha_init}")
         if self.n_persistent < 0:
             raise ValueError(f"n_persistent must be >= 0, got {self.n_persistent}")
         if self.dim % self.n_heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if (self.dim // self.n_heads) % 2:
             raise ValueError(f"head width dim/n_heads = {self.dim // self.n_heads} must be even (RoPE)")
-        if self.dim % self.mem_heads:
-            raise ValueError(f"dim ({self.dim}) must be divisible by memory_heads ({self.mem_heads})")
+        if self.dim % (self.memory_heads or self.n_heads):
+            raise ValueError(f"dim ({self.dim}) must be divisible by memory_heads "
+                             f"({self.memory_heads or self.n_heads})")
         if self.segment_len % self.chunk_size:
             raise ValueError(
                 f"segment_len ({self.segment_len}) must be a multiple of chunk_size ({self.chunk_size})"
             )
-
-    @property
-    def mem_heads(self) -> int:
-        return self.memory_heads if self.memory_heads is not None else self.n_heads
 
     @classmethod
     def preset(cls, name: str, **overrides) -> TitansConfig:
@@ -220,17 +217,11 @@ class SwiGLU(nn.Module):
 def _new_memory(cfg: TitansConfig) -> nn.Module:
     from titans_mini.memory import NeuralMemory  # imported lazily: baselines need no memory
 
-    return NeuralMemory(
-        cfg.dim,
-        heads=cfg.mem_heads,
-        depth=cfg.memory_depth,
-        expansion=cfg.memory_expansion,
-        chunk_size=cfg.chunk_size,
-        momentum=cfg.momentum,
-        forget=cfg.forget,
-        **{"alpha_init": cfg.memory_alpha_init, "compile_chunks": cfg.compile_memory,
-           "checkpoint_chunks": cfg.checkpoint_memory, **cfg.memory_kwargs},
-    )
+    settings = dict(heads=cfg.memory_heads or cfg.n_heads, depth=cfg.memory_depth,
+                    expansion=cfg.memory_expansion, chunk_size=cfg.chunk_size,
+                    momentum=cfg.momentum, forget=cfg.forget, alpha_init=cfg.alpha_init,
+                    compile_chunks=cfg.compile_chunks, checkpoint_chunks=cfg.checkpoint_chunks)
+    return NeuralMemory(cfg.dim, **(settings | cfg.memory_kwargs))  # memory_kwargs win
 
 
 def _memory_with_prefix(memory: nn.Module, persistent: PersistentMemory | None, u: Tensor, state):

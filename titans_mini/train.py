@@ -612,9 +612,9 @@ class Trainer:
         saved_model = ckpt.get("model_config")
         if saved_model is not None and dataclasses.is_dataclass(self.model_config):
             now = asdict(self.model_config)
-            # compile/checkpoint_memory only change speed and memory use (and are absent from
+            # compile/checkpoint_chunks only change speed and memory use (and are absent from
             # older checkpoints)
-            runtime_only = ("compile_memory", "checkpoint_memory")
+            runtime_only = ("compile_chunks", "checkpoint_chunks")
             diff = sorted(k for k in now
                           if k not in runtime_only and now[k] != saved_model.get(k))
             if diff:
@@ -667,7 +667,7 @@ class Trainer:
         """One optimizer step; returns the training loss.
 
         If the device runs out of memory in the forward or backward of a Titans variant, the
-        memory layers switch to chunk checkpointing (``checkpoint_memory``; the same values and
+        memory layers switch to chunk checkpointing (``checkpoint_chunks``; the same values and
         gradients, recomputed in the backward: about 3× less memory, about 40 % slower on a GPU)
         and the step is repeated. Otherwise the error says what to lower."""
         cfg = self.cfg
@@ -718,24 +718,24 @@ class Trainer:
             for m in layers:
                 m.checkpoint_chunks = group
             if dataclasses.is_dataclass(self.model_config) and hasattr(
-                self.model_config, "checkpoint_memory"
+                self.model_config, "checkpoint_chunks"
             ):
                 self.model_config = dataclasses.replace(
-                    self.model_config, checkpoint_memory=group
+                    self.model_config, checkpoint_chunks=group
                 )
             warnings.warn(
                 f"out of memory at batch {tuple(shape)}: the memory layers now recompute their "
-                f"chunks in groups of {group} during the backward (checkpoint_memory={group}; "
+                f"chunks in groups of {group} during the backward (checkpoint_chunks={group}; "
                 "same results, less memory, slower). Set it yourself to skip this retry, e.g. "
-                f"--set checkpoint_memory={group}.",
+                f"--set checkpoint_chunks={group}.",
                 stacklevel=3,
             )
             return True
         tips = [f"lower --batch-size (now {shape[0]}) or --seq-len (now {shape[1]})"]
         if layers and all(m.checkpoint_chunks == 0 for m in layers):
-            tips.append(f"--set checkpoint_memory={group} (less memory, same results, slower)")
+            tips.append(f"--set checkpoint_chunks={group} (less memory, same results, slower)")
         elif layers:
-            tips.append("a checkpoint_memory group near √(chunks per row), which keeps the least")
+            tips.append("a checkpoint_chunks group near √(chunks per row), which keeps the least")
         error = torch.cuda.OutOfMemoryError(
             f"{self.device.type} ran out of memory in a training step at batch "
             f"{tuple(shape)}: {'; or '.join(tips)}. Original error: {str(err).splitlines()[0]}"
