@@ -4,7 +4,7 @@
     python bench/memory_bench.py --quick          # 1 round, shorter sequential-reference timing
     python bench/memory_bench.py --device cuda
 
-What it measures (course-design §8):
+What it measures (the course's performance targets):
 
 * forward and forward+backward tokens/s and peak memory on (4, 1024, 256) fp32, one head,
   depth 2, expansion 4, chunk 64 — ours vs lucidrains' titans-pytorch 0.5.5

@@ -491,6 +491,88 @@ def test_nan_in_carried_state_raises():
         mem(torch.randn(1, 3, 8), state)
 
 
+def test_nan_check_policy(monkeypatch):
+    """The carried-state value check runs once per call on the CPU by default, can be switched
+    off, and never reads tensors twice: a +inf in one tensor and a −inf in another still fire."""
+    mem = NeuralMemory(8, chunk_size=4)
+    _, state = mem(torch.randn(1, 6, 8))
+    state.weights = (torch.full_like(state.weights[0], math.inf), *state.weights[1:])
+    state.momentum = (torch.full_like(state.momentum[0], -math.inf), *state.momentum[1:])
+    with pytest.raises(ValueError, match="contains NaN or inf"):
+        mem(torch.randn(1, 3, 8), state)
+    mem.check_state_values = False  # opt-out: no check, no error
+    y, _ = mem(torch.randn(1, 3, 8), state)
+    assert not torch.isfinite(y).all()
+    mem.check_state_values = None
+    # on an accelerator the default skips the check (it would be a host sync); True forces it
+    calls = []
+    real_isfinite = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: calls.append(1) or real_isfinite(t))
+    _, fresh = mem(torch.randn(1, 6, 8))
+    mem(torch.randn(1, 3, 8), fresh)
+    assert len(calls) == 1, "one finite check per call, not one per state tensor"
+
+
+@pytest.mark.parametrize("depth,residual_norm", [(1, True), (2, True), (2, False), (3, True)])
+@pytest.mark.parametrize("per_layer_theta,max_grad_norm", [(False, None), (True, 0.5)])
+def test_plain_chunk_update_equals_fast_path(depth, residual_norm, per_layer_theta,
+                                             max_grad_norm):
+    """``functional.chunk_update`` (the readable form) and ``memory_fast.fast_chunk_update`` (what
+    the layer runs) give the same end state, reads and statistics, and the same gradients for
+    every input (the outer loop differentiates through both)."""
+    from titans_mini import functional
+    from titans_mini.memory_fast import fast_chunk_update, per_chunk_factors
+
+    torch.manual_seed(0)
+    mem = NeuralMemory(8, heads=2, depth=depth, residual_norm=residual_norm,
+                       per_layer_theta=per_layer_theta).double()
+    rows, n, m, d = 2 * 2, 5, 3, mem.d_head
+    W = [w.detach().repeat(2, 1, 1).requires_grad_() for w in mem.memory_init]
+    S = [(0.1 * torch.randn_like(w)).requires_grad_() for w in W]
+    keys = functional.l2_normalize(torch.randn(rows, n, d, dtype=torch.double)).requires_grad_()
+    values = torch.randn(rows, n, d, dtype=torch.double, requires_grad=True)
+    queries = functional.l2_normalize(torch.randn(rows, m, d, dtype=torch.double))
+    logits = torch.randn(2, 2, n, mem.n_gates, dtype=torch.double, requires_grad=True)
+    theta, log_eta, log_keep, _, _ = mem._gate_values(logits)
+    coeffs = functional.chunk_coefficients(theta, log_eta, log_keep)  # c (2, 2, n, L), A (2, 2)
+    plain_coeffs = functional.ChunkCoefficients(
+        *(t.reshape(rows, *t.shape[2:]) for t in coeffs))
+    factors = per_chunk_factors(type(coeffs)(*(t.unsqueeze(2) for t in coeffs)), rows, 1,
+                                torch.double)[0]
+    plain = functional.chunk_update(W, S, keys, values, queries, plain_coeffs, mem.kind,
+                                    max_grad_norm)
+    fast = fast_chunk_update(W, S, keys, values, queries, factors, mem.kind, max_grad_norm,
+                             True, False)
+    flat = lambda out: [*out[0], *out[1], *out[2:]]
+    for a, b in zip(flat(plain), flat(fast)):
+        torch.testing.assert_close(a, b)
+    inputs = [*W, *S, keys, values, logits]
+    weights = [torch.randn_like(t) for t in flat(plain)]
+    loss = lambda out: sum((t * w).sum() for t, w in zip(flat(out), weights))
+    for a, b in zip(torch.autograd.grad(loss(plain), inputs, retain_graph=True),
+                    torch.autograd.grad(loss(fast), inputs)):
+        torch.testing.assert_close(a, b)
+
+
+def test_causal_conv_streams():
+    """``functional.causal_conv`` over x equals two calls with the carried context, and the
+    output at t never depends on inputs after t."""
+    from titans_mini.functional import causal_conv
+
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 9, 6), torch.randn(6, 4)
+    full, ctx = causal_conv(x, w)
+    a, ctx_a = causal_conv(x[:, :4], w)
+    b, ctx_b = causal_conv(x[:, 4:], w, ctx_a)
+    torch.testing.assert_close(torch.cat([a, b], 1), full)
+    torch.testing.assert_close(ctx_b, ctx)
+    x2 = x.clone()
+    x2[:, 5] += 1.0
+    torch.testing.assert_close(causal_conv(x2, w)[0][:, :5], full[:, :5])
+    with pytest.raises(ValueError, match="conv context must have shape"):
+        causal_conv(x, w, torch.zeros(2, 2, 6))
+
+
 def test_inference_and_training_paths_agree():
     """Under no_grad the layer fuses the key and query forwards; with grad it does not."""
     mem = make(depth=2, chunk_size=4)
@@ -540,9 +622,9 @@ def _have_cxx() -> bool:
 def test_compile_chunks_refused_on_old_torch(monkeypatch):
     """Compiled gradients are only verified from torch 2.11 on: older versions are refused, not
     trusted."""
-    import titans_mini.memory as memory_mod
+    import titans_mini.device as device_mod
 
-    monkeypatch.setattr(memory_mod, "_torch_version", lambda: (2, 10))
+    monkeypatch.setattr(device_mod, "torch_version", lambda: (2, 10))
     with pytest.raises(ValueError, match="needs torch >= 2.11"):
         NeuralMemory(16, compile_chunks=True)
 
@@ -550,7 +632,7 @@ def test_compile_chunks_refused_on_old_torch(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.skipif(not _have_cxx(), reason="torch.compile on the CPU needs a C++ compiler")
 @pytest.mark.skipif(
-    __import__("titans_mini.memory").memory._torch_version() < (2, 11),
+    not __import__("titans_mini.device").device.compile_supported(),
     reason="compile_chunks is refused before torch 2.11",
 )
 def test_compiled_chunks_match_eager():
@@ -623,7 +705,7 @@ def test_state_update_gradients_survive_torch_compile_tracing(backend):
     the gradients of an autograd.Function that mutates its own result in its forward to the
     wrong outputs (pytorch/pytorch#180642); the traced forward is out of place for that reason.
     This is what ``compile_chunks`` and the trainer's ``--compile`` rely on."""
-    from titans_mini.memory import _StateUpdate
+    from titans_mini.memory_fast import StateUpdate
 
     torch.manual_seed(0)
     N, n, o, i = 3, 4, 5, 6
@@ -638,8 +720,8 @@ def test_state_update_gradients_survive_torch_compile_tracing(backend):
         return W_end, S_end, torch.autograd.grad(loss, args)
 
     torch._dynamo.reset()
-    W_e, S_e, g_e = grads(_StateUpdate.apply)
-    W_c, S_c, g_c = grads(torch.compile(lambda *a: _StateUpdate.apply(*a), backend=backend))
+    W_e, S_e, g_e = grads(StateUpdate.apply)
+    W_c, S_c, g_c = grads(torch.compile(lambda *a: StateUpdate.apply(*a), backend=backend))
     torch.testing.assert_close(W_c, W_e)
     torch.testing.assert_close(S_c, S_e)
     for name, a, b in zip("W S A B E P Q X".split(), g_c, g_e):

@@ -11,7 +11,7 @@ the library:
   no RoPE (they have no position), and their output rows are dropped (so we never compute their
   queries). They are ``nn.Parameter``s: frozen at test time, identical for every batch element.
 * **Context tokens** (MAC): extra key/value rows h_j placed at the positions j of the tokens they
-  were retrieved for. Query i sees h_j for j ≤ i (causal MAC, decision D6), or all of them
+  were retrieved for. Query i sees h_j for j ≤ i (causal MAC, paper-map §D6), or all of them
   (``context_always=True``: MAC exactly as the paper writes it, which leaks the future).
 * **KV cache**: keys (after RoPE) and values of earlier calls, with their absolute positions, so
   ``attn(x)`` equals ``attn(x[:, :n])`` followed by ``attn(x[:, n:], cache)`` for any n. With a

@@ -1,21 +1,28 @@
 """Pure functions of the Titans neural memory (no parameters, no state).
 
 Everything here is plain PyTorch on explicit tensors, so a lesson can call each piece on its own
-and the tests can compare each piece with an independent computation. Equation numbers refer to
-``titans-reference.md`` (our numbering) and, where given, to the paper (arXiv 2501.00663 v1).
+and the tests can compare each piece with an independent computation. "paper eq. N" is the v1
+numbering of arXiv 2501.00663; "paper-map §…" is a section of ``docs/paper-map.md`` (§Cn: formulas
+we derived, §Dn: our decisions where the paper is ambiguous). Built in lessons 02 (the loss),
+05 (deep memory and its hand-written backward), 06a/06b (chunks) and 07 (conv, gates).
 
 Contents
 
-* :func:`associative_loss`     ℓ(Φ) = ½‖M(k; Φ) − v‖²  (eq. 2, paper eq. 12; D1: ½ and a *sum*)
-* :func:`memory_forward`       M(x; Φ) for the three memory kinds of D4, keeping what the
+* :func:`associative_loss`     ℓ(Φ) = ½‖M(k; Φ) − v‖²  (paper eq. 12; paper-map §D1: ½ and a *sum*)
+* :func:`memory_forward`       M(x; Φ) for the three memory kinds of paper-map §D4, keeping what the
                                backward needs
 * :func:`memory_backward`      δ^{(l)} = ∂ℓ/∂z^{(l)}, the per-token back-propagated errors, by hand
-* :func:`chunk_coefficients`   A, B, E_n, c_s, d_s of the weighted-gradient route (eqs. 14–17),
+* :func:`token_grad_norm`, :func:`clip_factor`   per-token gradient norms and clipping
+* :func:`causal_conv`          the causal depthwise convolution after the projections (§D9)
+* :func:`gate_values`, :func:`pool_over_chunks`   θ, η, α from their logits (paper-map §D2)
+* :func:`chunk_coefficients`   A, B, E, c_s, d_s of the weighted-gradient route (paper-map §C2),
                                in the stable log-space form
-* :func:`chunk_coefficients_recurrence`   the same from recurrence (17), a loop (for lessons/tests)
-* :func:`linear_memory_chunk`  closed forms (9), (10), (13) of a linear memory over one chunk
+* :func:`chunk_coefficients_recurrence`   the same from the recurrence, a loop (lessons/tests)
+* :func:`chunk_update`         one chunk of the memory: read, then write (paper eq. 16;
+                               paper-map §C1–§C3) — the plain form of what ``NeuralMemory`` runs
+* :func:`linear_memory_chunk`  a linear memory over one chunk in closed form (paper-map §C4)
 
-Memory kinds (D4), weights Φ = (W_1, …, W_L), W_l of shape (..., out_l, in_l), no biases:
+Memory kinds (paper-map §D4), weights Φ = (W_1, …, W_L), W_l of shape (..., out_l, in_l), no biases:
 
 * ``"linear"``       L = 1:  M(x) = W x
 * ``"mlp"``          L ≥ 2:  M(x) = W_L GELU(… GELU(W_1 x))
@@ -25,6 +32,7 @@ Memory kinds (D4), weights Φ = (W_1, …, W_L), W_l of shape (..., out_l, in_l)
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,16 +42,25 @@ from .scan import segsum
 
 __all__ = [
     "MEMORY_KINDS",
+    "ChunkCoefficients",
     "associative_loss",
+    "causal_conv",
     "chunk_coefficients",
     "chunk_coefficients_recurrence",
+    "chunk_update",
+    "clip_factor",
+    "gate_values",
     "gelu_derivative",
+    "init_memory_weights",
     "l2_normalize",
     "layer_norm_backward",
     "linear_memory_chunk",
     "memory_backward",
     "memory_forward",
     "memory_kind",
+    "memory_layer_shapes",
+    "pool_over_chunks",
+    "token_grad_norm",
 ]
 
 MEMORY_KINDS = ("linear", "mlp", "residual_ln")
@@ -51,19 +68,95 @@ LN_EPS = 1e-5
 
 
 def memory_kind(depth: int, residual_norm: bool = True) -> str:
-    """The memory kind of D4 for a given depth: linear (1), residual-LN MLP or plain MLP (≥ 2)."""
+    """The memory kind (paper-map §D4) for a given depth: linear (1), residual-LN MLP or plain MLP (≥ 2)."""
     if depth == 1:
         return "linear"
     return "residual_ln" if residual_norm else "mlp"
 
 
+def memory_layer_shapes(depth: int, d_head: int, hidden: int) -> list[tuple[int, int]]:
+    """(out, in) of each memory layer: (d, d) for the linear memory, else d → hidden → … → d."""
+    if depth == 1:
+        return [(d_head, d_head)]
+    return [(hidden, d_head)] + [(hidden, hidden)] * (depth - 2) + [(d_head, hidden)]
+
+
+def init_memory_weights(kind: str, heads: int, shapes: list[tuple[int, int]]) -> list[Tensor]:
+    """A random initial memory M₀, one (heads, out, in) tensor per layer (the layer learns it).
+
+    Linear memory: zeros (it starts empty, the delta rule's usual start). A deeper memory must
+    not start at zero: an all-zero MLP is a fixed point where every token's gradient vanishes
+    (each layer has either a zero input or a zero back-propagated error). Scales:
+
+    * first layer std 1: its inputs are unit vectors, so pre-activations are ~N(0, 1) and GELU
+      works in its non-linear range;
+    * hidden layers std 1.5/√in (GELU outputs have second moment ≈ 0.43);
+    * last layer: residual-LN std 1. LN makes the output independent of this scale, but its
+      gradient is scaled by 1/σ(W_L a): with std 1 one token's loss has curvature ≈ 1 in W_L,
+      like the linear memory with unit keys. Plain MLP: std 1/√in.
+    """
+    if kind == "linear":
+        return [torch.zeros(heads, *shapes[0])]
+    weights = []
+    for i, (out, inp) in enumerate(shapes):
+        if i == 0:
+            std = 1.0
+        elif i < len(shapes) - 1:
+            std = 1.5 / math.sqrt(inp)
+        else:
+            std = 1.0 if kind == "residual_ln" else 1.0 / math.sqrt(inp)
+        weights.append(torch.randn(heads, out, inp) * std)
+    return weights
+
+
+def gate_values(logits: Tensor, theta_max: float, n_theta: int = 1, momentum: bool = True,
+                forget: bool = True):
+    """The data-dependent gates from their logits (..., G), G = n_theta [+ 1] [+ 1].
+
+    θ = θ_max·σ(z_θ) (..., n_theta);  η = σ(z_η), log η = logsigmoid(z_η);
+    α = σ(z_α), log(1 − α) = logsigmoid(−z_α)   (logs straight from the logits: no log(0)).
+    Switched-off momentum gives η = 0 (log η = −inf); switched-off forgetting gives α = 0.
+    Returns θ, log η, log(1 − α), η, α.
+    """
+    theta = theta_max * torch.sigmoid(logits[..., :n_theta])
+    i = n_theta
+    if momentum:
+        log_eta, eta = F.logsigmoid(logits[..., i]), torch.sigmoid(logits[..., i])
+        i += 1
+    else:
+        eta = torch.zeros_like(logits[..., 0])
+        log_eta = torch.full_like(eta, float("-inf"))
+    if forget:
+        log_keep, alpha = F.logsigmoid(-logits[..., i]), torch.sigmoid(logits[..., i])
+    else:
+        alpha = torch.zeros_like(logits[..., 0])
+        log_keep = torch.zeros_like(alpha)
+    return theta, log_eta, log_keep, eta, alpha
+
+
+def pool_over_chunks(logits: Tensor, chunk_size: int) -> Tensor:
+    """Mean-pool (..., N, G) over each chunk of ``chunk_size`` positions (per-chunk gates; the
+    logits are linear in x, so this equals the gates of the chunk's mean x). A trailing partial
+    chunk is pooled over the positions it has so far, which keeps it causal."""
+    *lead, N, G = logits.shape
+    full = (N // chunk_size) * chunk_size
+    parts = []
+    if full:
+        chunks = logits[..., :full, :].reshape(*lead, N // chunk_size, chunk_size, G)
+        parts.append(chunks.mean(-2, keepdim=True).expand_as(chunks).reshape(*lead, full, G))
+    if N > full:
+        rest = logits[..., full:, :]
+        parts.append(rest.mean(-2, keepdim=True).expand_as(rest))
+    return torch.cat(parts, -2)
+
+
 def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
-    """x / ‖x‖ over the last dimension (D9: queries and keys are ℓ2-normalised)."""
+    """x / ‖x‖ over the last dimension (paper-map §D9: queries and keys are ℓ2-normalised)."""
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 
 
 def associative_loss(prediction: Tensor, target: Tensor) -> Tensor:
-    """ℓ = ½‖M(k) − v‖², summed over the feature (last) dimension (D1). Shape: prediction[..., 0]."""
+    """ℓ = ½‖M(k) − v‖², summed over the feature (last) dimension (§D1). Shape: prediction[..., 0]."""
     return 0.5 * (prediction - target).pow(2).sum(-1)
 
 
@@ -79,7 +172,7 @@ def layer_norm_backward(grad_out: Tensor, normalized: Tensor, rstd: Tensor) -> T
 
     ∂ℓ/∂z = rstd · (g − mean(g) − u · mean(g ⊙ u)),  with g = ∂ℓ/∂u.
     Note the factor rstd = 1/σ(z): a memory whose MLP output has a tiny spread amplifies its
-    gradients (titans-reference §10, pitfall 4) — hence a sensible scale for M₀.
+    gradients — hence a sensible scale for M₀ (paper-map §D3).
     """
     mean_g = grad_out.mean(-1, keepdim=True)
     mean_gu = (grad_out * normalized).mean(-1, keepdim=True)
@@ -126,8 +219,8 @@ def memory_backward(weights: tuple[Tensor, ...] | list[Tensor], cache: dict,
     """Hand-written backward: δ^{(l)} = ∂ℓ/∂z^{(l)} for every layer l, from grad_out = ∂ℓ/∂M(x).
 
     For ℓ = ½‖M(k) − v‖², grad_out = M(k) − v. Because M treats tokens independently, the δ of
-    the *summed* loss Σ_s ℓ_s at row s is token s's own δ_s (reference §3.6), and the gradient of
-    ℓ_s w.r.t. W_l is the outer product δ_s^{(l)} x_s^{(l)ᵀ} (eq. 18) — which we never form.
+    the *summed* loss Σ_s ℓ_s at row s is token s's own δ_s (paper-map §C3), and the gradient of
+    ℓ_s w.r.t. W_l is the outer product δ_s^{(l)} x_s^{(l)ᵀ} — which we never form.
 
         last layer:   δ^{(L)} = LN'(z^{(L)})ᵀ grad_out        (residual-LN; = grad_out otherwise)
         hidden layer: δ^{(l)} = (δ^{(l+1)} W_{l+1}) ⊙ GELU'(z^{(l)})
@@ -154,13 +247,72 @@ def memory_backward(weights: tuple[Tensor, ...] | list[Tensor], cache: dict,
     return deltas[::-1]
 
 
+def token_grad_norm(deltas: list[Tensor], inputs: list[Tensor]) -> Tensor:
+    """‖∇_Φ ℓ_s‖ of every token s (..., n) from the per-layer δ_s^{(l)} and layer inputs x_s^{(l)}.
+
+    Token s's gradient in layer l is the outer product δ_s x_sᵀ (rank one), so
+    ‖g_s‖² = Σ_l ‖δ_s^{(l)}‖² · ‖x_s^{(l)}‖² — no per-token gradient is formed.
+    """
+    return sum(dl.pow(2).sum(-1) * xl.pow(2).sum(-1) for dl, xl in zip(deltas, inputs)).sqrt()
+
+
+def clip_factor(grad_norm: Tensor, max_norm: float | None) -> Tensor | None:
+    """Per-token clipping factor min(1, max_norm / ‖g‖) (None when clipping is off)."""
+    if max_norm is None:
+        return None
+    return (max_norm / (grad_norm + 1e-6)).clamp(max=1.0)
+
+
+def causal_conv(x: Tensor, weight: Tensor | None, context: Tensor | None = None):
+    """Causal depthwise convolution over time (paper §4.4: after the q/k/v projections).
+
+    x (B, T, C); weight (C, kernel) — the last tap multiplies the current token, the others the
+    kernel − 1 tokens before it; ``context`` (B, kernel − 1, C): the inputs just before x (None =
+    start of a document: zeros). Returns (out (B, T, C), new context for the next call).
+    ``weight=None`` is no convolution (the identity, no context).
+    """
+    if weight is None:
+        return x, None
+    k = weight.shape[-1]
+    B, T, C = x.shape
+    if T == 0:  # nothing new: the context is unchanged
+        return x, context
+    if context is None:
+        context = x.new_zeros(B, k - 1, C)
+    elif context.shape != (B, k - 1, C):
+        raise ValueError(f"conv context must have shape {(B, k - 1, C)}, "
+                         f"got {tuple(context.shape)}")
+    full = torch.cat([context.to(x.dtype), x], 1)  # (B, k−1+T, C)
+    out = F.conv1d(full.transpose(1, 2), weight.unsqueeze(1), groups=C).transpose(1, 2)
+    return out, full[:, full.shape[1] - (k - 1):]
+
+
 # ----------------------------------------------------------------------------------------------
-# Within-chunk coefficients (reference §3.5–3.6)
+# Within-chunk coefficients (paper-map §C2)
 # ----------------------------------------------------------------------------------------------
 
 
-def chunk_coefficients(theta: Tensor, log_eta: Tensor, log_keep: Tensor):
-    """Coefficients of the weighted-gradient route for chunks of n tokens (eqs. 14–17).
+class ChunkCoefficients(NamedTuple):
+    """The five coefficients of one chunk's update (weighted-gradient route), as returned by
+    :func:`chunk_coefficients`; a tuple, so ``c, d, A, B, E = coeffs`` works too.
+
+        Φ_end = A·Φ_start + B·S_start − Σ_s c_s g_s,      S_end = E·S_start − Σ_s d_s g_s
+
+    c, d   (..., n) or (..., n, L)  weight of token s's gradient in Φ_end and in S_end
+    A      (...)  Π_s (1 − α_s): how much of Φ_start survives the chunk's forgetting
+    B      (...)  how much of the carried momentum S_start flows into Φ_end
+    E      (...)  Π_s η_s: how much of S_start survives in S_end
+    """
+
+    c: Tensor
+    d: Tensor
+    A: Tensor
+    B: Tensor
+    E: Tensor
+
+
+def chunk_coefficients(theta: Tensor, log_eta: Tensor, log_keep: Tensor) -> ChunkCoefficients:
+    """Coefficients of the weighted-gradient route for chunks of n tokens (paper-map §C2).
 
     Inputs, all over the chunk's tokens s = 1..n in the last dim (theta may have an extra
     trailing layer dim L for per-layer step sizes):
@@ -169,14 +321,14 @@ def chunk_coefficients(theta: Tensor, log_eta: Tensor, log_keep: Tensor):
         log_eta   log η_s  ≤ 0        (..., n)   (−inf allowed: η = 0, no momentum)
         log_keep  log(1 − α_s) ≤ 0    (..., n)
 
-    With every g_s taken at the chunk-start state, the end of the chunk is (eqs. 14–15)
+    With every g_s taken at the chunk-start state, the end of the chunk is
 
         Φ_end = A·Φ_start + B·S_start − Σ_s c_s g_s,      S_end = E_n·S_start − Σ_s d_s g_s
 
     and, with suffix products a_s = Π_{j>s}(1 − α_j) and e_s = Π_{j>s} η_j,
 
         G_s = Σ_{r ≥ s} a_r · Π_{j=s+1}^{r} η_j,   c_s = θ_s G_s,   d_s = θ_s e_s,
-        A = Π_j (1 − α_j),   B = η_1 G_1,   E_n = Π_j η_j.                         (17)
+        A = Π_j (1 − α_j),   B = η_1 G_1,   E_n = Π_j η_j.
 
     Computed from masked sums of log-gates (:func:`titans_mini.scan.segsum`): every exponent is
     ≤ 0, nothing is divided, so no under/overflow even when some η_j or 1 − α_j is tiny.
@@ -198,7 +350,7 @@ def chunk_coefficients(theta: Tensor, log_eta: Tensor, log_keep: Tensor):
     B = torch.exp(log_eta[..., 0]) * G[..., 0]
     if theta.ndim == log_eta.ndim + 1:  # per-layer θ: (..., n, L)
         G, e = G.unsqueeze(-1), e.unsqueeze(-1)
-    return theta * G, theta * e, A, B, E
+    return ChunkCoefficients(theta * G, theta * e, A, B, E)
 
 
 def chunk_coefficients_recurrence(theta: Tensor, eta: Tensor, alpha: Tensor):
@@ -223,25 +375,25 @@ def chunk_coefficients_recurrence(theta: Tensor, eta: Tensor, alpha: Tensor):
     A = keep[..., 0] * a[..., 0]
     B = eta[..., 0] * G[..., 0]
     E = eta[..., 0] * e[..., 0]
-    return theta * G, theta * e, A, B, E
+    return ChunkCoefficients(theta * G, theta * e, A, B, E)
 
 
 # ----------------------------------------------------------------------------------------------
-# Linear memory closed forms (reference §3.3, §3.5) — for lessons and tests
+# Linear memory closed forms (paper-map §C4; paper eq. 17) — for lessons and tests
 # ----------------------------------------------------------------------------------------------
 
 
 def linear_memory_chunk(W: Tensor, S: Tensor, K: Tensor, V: Tensor, Q: Tensor,
                         theta: Tensor, eta: Tensor, alpha: Tensor):
-    """One chunk of a *linear* memory M(k) = W k in closed form (eqs. 9, 10, 13 generalised).
+    """One chunk of a *linear* memory M(k) = W k in closed form (paper-map §C4;
+    paper eq. 17 generalised).
 
     W, S: (..., d, d) chunk-start weights and momentum; K, V, Q: (..., n, d) keys, values, queries
-    as rows; theta, eta, alpha: (..., n). Gradients are taken at W (D5): g_s = r_s k_sᵀ with the
+    as rows; theta, eta, alpha: (..., n). Gradients are taken at W (paper-map §D5): g_s = r_s k_sᵀ with the
     residual r_s = W k_s − v_s.
 
     Returns (W_end, S_end, Y_own): the end-of-chunk weights and momentum, and the reads of the
-    queries *after each token's own write*, y_t = W_t q_t (the dual form of eq. 13; with η ≡ 0 it
-    reduces to eq. 10):
+    queries *after each token's own write*, y_t = W_t q_t (the dual form, paper-map §C4):
 
         Y = (W Q) diag(β) + (S Q) diag(B_t) − R (T ⊙ KᵀQ),   T[s,t] = θ_s Γ[t,s]·1[s ≤ t]
         Γ[t,s] = Σ_{r=s}^{t} (β_t/β_r)(E_r/E_s),   B_t = Σ_{r ≤ t} (β_t/β_r) E_r.
@@ -268,7 +420,7 @@ def linear_memory_chunk(W: Tensor, S: Tensor, K: Tensor, V: Tensor, Q: Tensor,
     Y = (beta.unsqueeze(-1) * torch.matmul(Q, W.transpose(-1, -2))
          + Bt.unsqueeze(-1) * torch.matmul(Q, S.transpose(-1, -2))
          - torch.matmul(scores.transpose(-1, -2), R))
-    # end of chunk (eqs. 9 / 14–15): the last row of Γ and the suffix products of η
+    # end of chunk (paper-map §C2): the last row of Γ and the suffix products of η
     c = theta * Gamma[..., n - 1, :]
     d = theta * torch.exp(se[..., n - 1, :])
     W_end = (beta[..., n - 1, None, None] * W + Bt[..., n - 1, None, None] * S
@@ -277,3 +429,54 @@ def linear_memory_chunk(W: Tensor, S: Tensor, K: Tensor, V: Tensor, Q: Tensor,
     S_end = E_n[..., None, None] * S - torch.matmul((R * d.unsqueeze(-1)).transpose(-1, -2), K)
     return W_end, S_end, Y
 
+
+
+# ----------------------------------------------------------------------------------------------
+# One chunk of the memory: read, then write (the chunked form of the update)
+# ----------------------------------------------------------------------------------------------
+
+
+def chunk_update(weights, momentum, keys: Tensor, values: Tensor, queries: Tensor | None,
+                 coeffs: ChunkCoefficients, kind: str, max_grad_norm: float | None = None):
+    """One chunk of the Titans memory: every token reads, and takes its gradient at, the
+    chunk-start state; the chunk's end state follows the exact per-token recurrences.
+
+    weights, momentum: sequences of (..., out_l, in_l) tensors — Φ and S at the chunk start;
+    keys, values: (..., n, d); queries: (..., m, d) or None; coeffs: :func:`chunk_coefficients`
+    of the chunk's gates (c, d (..., n) or (..., n, L); A, B, E (...)).
+
+    1. read:      y = M(queries; Φ_start)                            (no write)
+    2. errors:    δ_s^{(l)} of ℓ_s = ½‖M(k_s; Φ_start) − v_s‖² for every token s and layer l,
+                  by the hand-written backward (:func:`memory_backward`)
+    3. write:     Φ_end = A·Φ + B·S − (c ⊙ Δ)ᵀX,   S_end = E·S − (d ⊙ Δ)ᵀX     per layer,
+                  where (c ⊙ Δ)ᵀX = Σ_s c_s δ_s x_sᵀ = Σ_s c_s g_s never forms a per-token gradient
+
+    This is the plain, readable form of what ``NeuralMemory`` runs per chunk; the layer itself
+    uses ``titans_mini.memory_fast``, the same maths with fewer passes over the weights, and
+    the tests prove the two equal. Optional per-token clipping ‖g_s‖ ≤ max_grad_norm scales c_s
+    and d_s.
+
+    Returns (weights_end, momentum_end, reads (..., m, d) or None, surprise ℓ_s (..., n),
+    grad_norm ‖g_s‖ (..., n)).
+    """
+    reads = None if queries is None else memory_forward(weights, queries, kind)
+    out, cache = memory_forward(weights, keys, kind, keep=True)
+    err = out - values  # ∂ℓ_s/∂M(k_s)
+    deltas = memory_backward(weights, cache, err)  # δ^{(l)}: (..., n, out_l)
+    xs = cache["inputs"]  # x^{(l)}: (..., n, in_l)
+    grad_norm = token_grad_norm(deltas, xs)
+    c, d = coeffs.c, coeffs.d
+    if c.ndim == keys.ndim - 1:  # one θ for all layers: add a layer axis of size 1
+        c, d = c.unsqueeze(-1), d.unsqueeze(-1)
+    f = clip_factor(grad_norm, max_grad_norm)
+    if f is not None:
+        c, d = c * f.unsqueeze(-1), d * f.unsqueeze(-1)
+    A, B, E = (t[..., None, None] for t in (coeffs.A, coeffs.B, coeffs.E))
+    new_weights, new_momentum = [], []
+    for layer, (w, s, delta, x) in enumerate(zip(weights, momentum, deltas, xs)):
+        i = min(layer, c.shape[-1] - 1)  # this layer's θ (shared unless per-layer θ)
+        sum_c = torch.matmul((delta * c[..., i: i + 1]).transpose(-1, -2), x)  # Σ_s c_s g_s
+        sum_d = torch.matmul((delta * d[..., i: i + 1]).transpose(-1, -2), x)  # Σ_s d_s g_s
+        new_weights.append(A * w + B * s - sum_c)
+        new_momentum.append(E * s - sum_d)
+    return new_weights, new_momentum, reads, associative_loss(out, values), grad_norm

@@ -5,7 +5,8 @@ Every model is a stack of Llama-style pre-norm residual blocks [paper v1 §4.4]:
     h   = x + Mixer(RMSNorm(x))            (MAL: two mixers, memory then SWA, each pre-norm)
     out = h + SwiGLU(RMSNorm(h))
 
-and the variants differ only in the token mixer (titans-reference.md §5, §6, decisions D6–D8):
+and the variants differ only in the token mixer (paper v1 §4; our
+readings of the paper's ambiguities: paper-map §D6–§D8):
 
 =============  ===================================================================================
 variant        token mixer
@@ -13,16 +14,16 @@ variant        token mixer
 transformer    Transformer++: full causal attention with RoPE
 swa            sliding-window attention (window w)
 lmm            the neural memory alone: y = Mem(P ‖ u)                          (NeurIPS LMM)
-mag            o = RMSNorm_a(SWA*(P ‖ u)) ⊙ σ(RMSNorm_b(Mem(P ‖ u)))           (eq. 25, D7)
-mal            h = x + Mem(P ‖ RMSNorm(x));  h = h + SWA(RMSNorm(h))            (eq. 26, D8)
+mag            o = RMSNorm_a(SWA*(P ‖ u)) ⊙ σ(RMSNorm_b(Mem(P ‖ u)))           (paper eqs. 26–28, §D7)
+mal            h = x + Mem(P ‖ RMSNorm(x));  h = h + SWA(RMSNorm(h))            (paper eqs. 29–31, §D8)
 mac            per segment: h = M*(q) at the pre-segment memory; y = Attn(P ‖ h ‖ S);
-               (m, Φ_new) = Mem(y; Φ_old);  o = RMSNorm_a(y) ⊙ σ(RMSNorm_b(m))  (eqs. 21–24, D6)
+               (m, Φ_new) = Mem(y; Φ_old);  o = RMSNorm_a(y) ⊙ σ(RMSNorm_b(m))  (paper eqs. 21–25, §D6)
 =============  ===================================================================================
 
 P are the persistent tokens (``n_persistent`` per layer, Titans variants only). In MAG the same P
 are the always-visible attention prefix and the first rows the memory sees; in LMM and MAL they
 are written into the memory at the start of every sequence (their output rows are dropped).
-In MAC they are the attention prefix only (only segment rows are written, D6).
+In MAC they are the attention prefix only (only segment rows are written, paper-map §D6).
 
 ``TitansLM(cfg)``: ``logits, state = model(tokens, state)``; the state carries every layer's
 memory state and attention cache, so streaming in pieces equals one call, and ``generate`` never
@@ -100,7 +101,7 @@ class TitansConfig:
     memory_expansion: hidden width factor of the memory MLP
     chunk_size:       b, the memory's inner mini-batch (semantic, §3.1)
     momentum, forget: switch the memory's η (momentum) and α (weight decay) on/off
-    mac_causal:       True = causal MAC (D6); False = MAC exactly as the paper writes it (leaks!)
+    mac_causal:       True = causal MAC (paper-map §D6); False = MAC exactly as the paper writes it (leaks!)
     mlp_ratio:        SwiGLU hidden = mlp_ratio·d in the Transformer++ reference block
     mlp_hidden:       fix every variant's SwiGLU width (None = match parameter counts)
     rope_base:        RoPE base frequency
@@ -108,8 +109,8 @@ class TitansConfig:
     seq_len:          suggested training context length (not a limit of the model)
     alpha_init:       initial forgetting rate α of every memory (the gate bias; α stays
                       data-dependent and learned). 0.005 keeps about 1/α = 200 tokens, longer than
-                      every preset's attention window; 0.05 (``NeuralMemory``'s default, the
-                      reference's suggestion) forgets within ~20 tokens, and with the state carried
+                      every preset's attention window; 0.05 (``NeuralMemory``'s default, a
+                      common choice) forgets within ~20 tokens, and with the state carried
                       across segments every Titans variant then trained far worse than SWA
                       (bench/RESULTS.md, "Forgetting rate")
     memory_kwargs:    extra keyword arguments for ``NeuralMemory`` (they win over the fields above)
@@ -274,7 +275,7 @@ class MAGState:
 
 
 class MAGMixer(nn.Module):
-    """Memory as a Gate [paper v1 eqs. 26–28, D7].
+    """Memory as a Gate [paper v1 eqs. 26–28, paper-map §D7].
 
     x̃ = P ‖ u;  y = SWA*(x̃) (P always visible);  m = Mem(x̃);  o = RMSNorm_a(y) ⊙ σ(RMSNorm_b(m)).
     The P rows of both branches are dropped. Two parallel branches: a precise short-term one
@@ -322,14 +323,14 @@ class MACState:
 
 
 class MACMixer(nn.Module):
-    """Memory as a Context [paper v1 eqs. 21–25], causal by default (D6).
+    """Memory as a Context [paper v1 eqs. 21–25], causal by default (paper-map §D6).
 
     For each segment S of C = ``segment_len`` tokens, with Φ the memory before the segment:
 
         h = M*_Φ(q(S))                      retrieval at the pre-segment state      (21)
         y = Attn(P ‖ h ‖ S)                 token i sees P, h_j (j ≤ i), S_j (j ≤ i) (22)
         (m, Φ') = Mem(y; Φ)                 write y chunk-wise; read with the running state (23)
-        o = RMSNorm_a(y) ⊙ σ(RMSNorm_b(m))                                          (24, D7)
+        o = RMSNorm_a(y) ⊙ σ(RMSNorm_b(m))                                          (paper eq. 25, §D7)
 
     The final read m_i uses the chunk-wise running state (chunks before i's chunk), so o is causal
     and (m, Φ') is exactly one forward of the memory over y. h_j sits at position j for RoPE.
@@ -399,7 +400,7 @@ class Block(nn.Module):
     """Pre-norm residual block: x = x + mixer(RMSNorm(x)) per mixer, then x + SwiGLU(RMSNorm(x)).
 
     Mixers: transformer [attn], swa [swa], lmm [memory], mag [mag], mac [mac],
-    mal [memory, swa] (D8). The SwiGLU hidden width is ``cfg.mlp_hidden`` if set, otherwise
+    mal [memory, swa] (paper-map §D8). The SwiGLU hidden width is ``cfg.mlp_hidden`` if set, otherwise
     chosen (multiple of 8, at least 8) so that this block has as many parameters as the
     Transformer++ reference block, 4d² + 3·d·(mlp_ratio·d): fair comparisons at equal size.
     """

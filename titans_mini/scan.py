@@ -1,9 +1,9 @@
-"""First-order linear recurrences  h_t = a_t · h_{t-1} + b_t  (titans-reference §3.4).
+"""First-order linear recurrences  h_t = a_t · h_{t-1} + b_t  (paper eq. 18).
 
 With the per-token gradients g_t held fixed, both Titans updates are such recurrences:
 
-    S_t = η_t · S_{t-1} − θ_t · g_t            (momentum,   eq. 4: a = η,     b = −θ g)
-    M_t = (1 − α_t) · M_{t-1} + S_t            (forgetting, eq. 5: a = 1 − α, b = S)
+    S_t = η_t · S_{t-1} − θ_t · g_t            (momentum,   paper eq. 14: a = η,     b = −θ g)
+    M_t = (1 − α_t) · M_{t-1} + S_t            (forgetting, paper eq. 13: a = 1 − α, b = S)
 
 Composing two steps gives another step of the same form, (a, b) ∘ (a', b') = (a·a', a'·b + b'),
 and this composition is associative. That is what makes the recurrence *parallel*: instead of T
