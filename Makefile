@@ -66,8 +66,8 @@ pytest: setup
 test: lint pytest
 
 exercises: setup
-	$(PY) -m titans_mini.notebook_setup
-	$(PY) -m titans_mini.exercise_gen
+	$(PY) -m tools.notebook_setup
+	$(PY) -m tools.exercise_gen
 
 grade: setup
 	TITANS_FAST=1 $(PY) -m pytest tests/test_exercises.py --impl exercises -q

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from titans_mini import exercise_gen as eg
-from titans_mini import notebook_setup as ns
+from tools import exercise_gen as eg
+from tools import notebook_setup as ns
 
 SOLUTION_CELL = '''import torch
 

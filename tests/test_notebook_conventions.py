@@ -9,8 +9,8 @@ import types
 
 import pytest
 
-from titans_mini import notebook_setup as ns
-from titans_mini.notebook_setup import ROOT_DIRS, all_notebooks
+from tools import notebook_setup as ns
+from tools.notebook_setup import ROOT_DIRS, all_notebooks
 
 _ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 NOTEBOOKS = all_notebooks(_ROOT)
@@ -24,7 +24,7 @@ def test_there_are_notebooks():
 def test_title_badge_and_setup_cell(path):
     rel = path.relative_to(_ROOT).as_posix()
     nb = json.loads(path.read_text())
-    assert ns.problems(nb, rel) == [], f"{rel}: run `python -m titans_mini.notebook_setup` to fix"
+    assert ns.problems(nb, rel) == [], f"{rel}: run `make exercises` (python -m tools.notebook_setup) to fix"
     assert nb["metadata"].get("kernelspec", {}).get("name") == "python3", f"{rel}: kernelspec python3"
 
 
@@ -71,7 +71,8 @@ def test_setup_cell_installs_only_on_colab(monkeypatch):
 def test_repository_url_is_defined_once():
     """The repo URL is written literally only in notebook_setup.py; everything else derives it."""
     hits = []
-    for path in list(_ROOT.glob("titans_mini/**/*.py")) + list(_ROOT.glob("tests/**/*.py")):
+    for path in [*_ROOT.glob("titans_mini/**/*.py"), *_ROOT.glob("tests/**/*.py"),
+                 *_ROOT.glob("tools/**/*.py")]:
         if ns.GITHUB_REPO in path.read_text() and path.name != "notebook_setup.py":
             hits.append(path.relative_to(_ROOT).as_posix())
     assert hits == []

@@ -26,7 +26,7 @@ import re
 import sys
 from pathlib import Path
 
-from titans_mini import notebook_setup
+from tools import notebook_setup
 
 BEGIN, END, HINT = "# BEGIN SOLUTION", "# END SOLUTION", "# HINT:"
 DEFAULT_HINT = "replace this line with your implementation"

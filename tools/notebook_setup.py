@@ -9,7 +9,7 @@ Every notebook in ``notebooks/``, ``solutions/`` and ``exercises/`` opens with
    repository URL, without touching Colab's torch or ipywidgets (pip keeps already-satisfied
    dependencies and only adds what is missing).
 
-The repository is named once, here (``GITHUB_REPO``). ``python -m titans_mini.notebook_setup``
+The repository is named once, here (``GITHUB_REPO``). ``python -m tools.notebook_setup``
 rewrites the badge and set-up cell of every notebook to match; ``tests/test_notebook_conventions.py``
 fails when one drifts.
 """
@@ -72,7 +72,7 @@ def problems(nb: dict, relpath: str) -> list[str]:
     if badge(relpath) not in title:
         out.append(f"title cell must carry the Colab badge for its own path {relpath!r}")
     if cells[1].get("cell_type") != "code" or _source(cells[1]).strip() != SETUP_CELL.strip():
-        out.append("second cell must be the shared set-up cell (titans_mini.notebook_setup.SETUP_CELL)")
+        out.append("second cell must be the shared set-up cell (tools/notebook_setup.py: SETUP_CELL)")
     return out
 
 
