@@ -7,6 +7,7 @@ move" means "moves by less than 1e-10" (the run-to-run noise floor), not "moves 
 import pytest
 import torch
 
+from titans_mini.attention import PersistentMemory
 from titans_mini.models import PRESETS, VARIANTS, TitansConfig, TitansLM
 
 MEMORY_VARIANTS = ["mac", "mag", "mal", "lmm"]
@@ -163,7 +164,7 @@ def test_gradients_finite_and_loss_decreases(variant):
 @pytest.mark.parametrize("variant", MEMORY_VARIANTS)
 def test_persistent_tokens(variant):
     model = make(variant)
-    persistent = [m for m in model.modules() if type(m).__name__ == "PersistentMemory"]
+    persistent = [m for m in model.modules() if isinstance(m, PersistentMemory)]
     assert len(persistent) == model.cfg.n_layers  # one P per layer
     before = [p.tokens.detach().clone() for p in persistent]
     with torch.no_grad():
@@ -177,7 +178,7 @@ def test_persistent_tokens(variant):
 
 def test_baselines_have_no_persistent_tokens():
     for v in ATTENTION_VARIANTS:
-        assert not [m for m in make(v).modules() if type(m).__name__ == "PersistentMemory"]
+        assert not [m for m in make(v).modules() if isinstance(m, PersistentMemory)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,3 +320,16 @@ def test_memory_forgets_slower_than_the_window_slides(name):
         torch.testing.assert_close(got, torch.full_like(got, alpha))
     with pytest.raises(ValueError, match="alpha_init"):
         TitansConfig.preset(name, variant="mag", alpha_init=0.0)
+
+
+def test_generate_checks_the_prompt_once():
+    """``generate`` validates the prompt (a clear error for out-of-range ids) and then samples
+    without re-checking every new token: the range check is a host sync on a GPU."""
+    model = TitansLM(TitansConfig.preset("tiny", variant="mag"))
+    with pytest.raises(ValueError, match="token ids must be in"):
+        model.generate(torch.tensor([[1, 300]]), 3)
+    calls = []
+    check = model._check_tokens
+    model._check_tokens = lambda t: calls.append(1) or check(t)
+    out = model.generate(torch.tensor([[1, 2, 3]]), 5, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 8) and len(calls) == 1

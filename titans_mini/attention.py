@@ -39,6 +39,10 @@ __all__ = [
     "apply_rope",
     "KVCache",
     "PersistentMemory",
+    "persistent_tokens",
+    "persistent_prefix",
+    "persistent_tokens",
+    "persistent_prefix",
     "Attention",
     "attention_mask",
 ]
@@ -138,6 +142,16 @@ class PersistentMemory(nn.Module):
 
     def forward(self, batch_size: int) -> Tensor:
         return self.tokens.unsqueeze(0).expand(batch_size, -1, -1)  # (B, N_p, d)
+
+
+def persistent_tokens(n_tokens: int, dim: int) -> PersistentMemory | None:
+    """``PersistentMemory(n_tokens, dim)``, or None when ``n_tokens`` is 0 (no persistent memory)."""
+    return PersistentMemory(n_tokens, dim) if n_tokens else None
+
+
+def persistent_prefix(persistent: PersistentMemory | None, x: Tensor) -> Tensor | None:
+    """P expanded to x's batch size and cast to x's dtype, (B, N_p, d); None without P."""
+    return None if persistent is None else persistent(x.shape[0]).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -46,7 +46,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from titans_mini.attention import Attention, KVCache, PersistentMemory
+from titans_mini.attention import (
+    Attention,
+    KVCache,
+    PersistentMemory,
+    persistent_prefix,
+    persistent_tokens,
+)
+from titans_mini.memory import NeuralMemory
 
 __all__ = [
     "VARIANTS",
@@ -216,8 +223,6 @@ class SwiGLU(nn.Module):
 
 
 def _new_memory(cfg: TitansConfig) -> nn.Module:
-    from titans_mini.memory import NeuralMemory  # imported lazily: baselines need no memory
-
     settings = dict(heads=cfg.memory_heads or cfg.n_heads, depth=cfg.memory_depth,
                     expansion=cfg.memory_expansion, chunk_size=cfg.chunk_size,
                     momentum=cfg.momentum, forget=cfg.forget, alpha_init=cfg.alpha_init,
@@ -228,12 +233,12 @@ def _new_memory(cfg: TitansConfig) -> nn.Module:
 def _memory_with_prefix(memory: nn.Module, persistent: PersistentMemory | None, u: Tensor, state):
     """y, state = Mem(P ‖ u) at a sequence start (state None), else Mem(u; state).
 
-    P is written into the memory at the start of every sequence [ref §4]; its output rows are
+    P is written into the memory at the start of every sequence (paper eq. 19); its output rows are
     dropped. The memory's chunk boundaries are counted on P ‖ x, which streaming preserves.
     """
     if state is None and persistent is not None:
         n_p = persistent.n_tokens
-        y, state = memory(torch.cat([persistent(u.shape[0]).to(u.dtype), u], dim=1), None)
+        y, state = memory(torch.cat([persistent_prefix(persistent, u), u], dim=1), None)
         return y[:, n_p:], state
     return memory(u, state)
 
@@ -249,10 +254,10 @@ class AttentionMixer(nn.Module):
     def __init__(self, cfg: TitansConfig, window: int | None, n_persistent: int = 0):
         super().__init__()
         self.attn = Attention(cfg.dim, cfg.n_heads, window=window, rope_base=cfg.rope_base)
-        self.persistent = PersistentMemory(n_persistent, cfg.dim) if n_persistent else None
+        self.persistent = persistent_tokens(n_persistent, cfg.dim)
 
     def forward(self, u: Tensor, state: KVCache | None) -> tuple[Tensor, KVCache]:
-        prefix = None if self.persistent is None else self.persistent(u.shape[0]).to(u.dtype)
+        prefix = persistent_prefix(self.persistent, u)
         return self.attn(u, state, prefix=prefix)
 
 
@@ -262,7 +267,7 @@ class MemoryMixer(nn.Module):
     def __init__(self, cfg: TitansConfig):
         super().__init__()
         self.memory = _new_memory(cfg)
-        self.persistent = PersistentMemory(cfg.n_persistent, cfg.dim) if cfg.n_persistent else None
+        self.persistent = persistent_tokens(cfg.n_persistent, cfg.dim)
 
     def forward(self, u: Tensor, state):
         return _memory_with_prefix(self.memory, self.persistent, u, state)
@@ -286,12 +291,12 @@ class MAGMixer(nn.Module):
         super().__init__()
         self.attn = Attention(cfg.dim, cfg.n_heads, window=cfg.window, rope_base=cfg.rope_base)
         self.memory = _new_memory(cfg)
-        self.persistent = PersistentMemory(cfg.n_persistent, cfg.dim) if cfg.n_persistent else None
+        self.persistent = persistent_tokens(cfg.n_persistent, cfg.dim)
         self.norm_a = RMSNorm(cfg.dim)
         self.norm_b = RMSNorm(cfg.dim)
 
     def forward(self, u: Tensor, state: MAGState | None) -> tuple[Tensor, MAGState]:
-        prefix = None if self.persistent is None else self.persistent(u.shape[0]).to(u.dtype)
+        prefix = persistent_prefix(self.persistent, u)
         y, cache = self.attn(u, None if state is None else state.cache, prefix=prefix)
         m, mem_state = _memory_with_prefix(
             self.memory, self.persistent, u, None if state is None else state.memory
@@ -347,7 +352,7 @@ class MACMixer(nn.Module):
         self.causal = cfg.mac_causal
         self.attn = Attention(cfg.dim, cfg.n_heads, window=None, rope_base=cfg.rope_base)
         self.memory = _new_memory(cfg)
-        self.persistent = PersistentMemory(cfg.n_persistent, cfg.dim) if cfg.n_persistent else None
+        self.persistent = persistent_tokens(cfg.n_persistent, cfg.dim)
         self.norm_a = RMSNorm(cfg.dim)
         self.norm_b = RMSNorm(cfg.dim)
 
@@ -363,7 +368,7 @@ class MACMixer(nn.Module):
         seg_mem, run_mem, r_ctx, read_ctx, cache, pos = (
             st.segment_memory, st.memory, st.retrieve_context, st.read_context, st.cache, st.pos,
         )
-        prefix = None if self.persistent is None else self.persistent(B).to(u.dtype)
+        prefix = persistent_prefix(self.persistent, u)
         outs = []
         t = 0
         while t < T:  # one piece per (part of a) segment
@@ -491,7 +496,7 @@ class TitansLM(nn.Module):
         """GPT-2 style: N(0, 0.02) for embeddings and linears, output projections of residual
         branches scaled by 1/√(2·n_layers). The neural memory keeps its own initialisation."""
         memory_prefixes = tuple(
-            name + "." for name, m in self.named_modules() if type(m).__name__ == "NeuralMemory"
+            name + "." for name, m in self.named_modules() if isinstance(m, NeuralMemory)
         )
         residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
         for name, module in self.named_modules():
@@ -516,14 +521,18 @@ class TitansLM(nn.Module):
             raise ValueError(f"tokens must have shape (batch, time), got {tuple(tokens.shape)}")
         if tokens.shape[1] == 0:
             raise ValueError("tokens must contain at least one position")
-        lo, hi = torch.stack(torch.aminmax(tokens)).tolist()  # one host sync
+        lo, hi = torch.stack(torch.aminmax(tokens)).tolist()  # one host sync per call
         if lo < 0 or hi >= self.cfg.vocab_size:
             raise ValueError(
                 f"token ids must be in [0, {self.cfg.vocab_size - 1}], got values in [{lo}, {hi}]"
             )
 
     def forward(self, tokens: Tensor, state: TitansState | None = None) -> tuple[Tensor, TitansState]:
+        """tokens (B, T) ids -> logits (B, T, vocab) and the state after the last token."""
         self._check_tokens(tokens)
+        return self._forward(tokens, state)
+
+    def _forward(self, tokens: Tensor, state: TitansState | None) -> tuple[Tensor, TitansState]:
         x = self.embed(tokens.long())  # (B, T, d)
         layer_states = [None] * len(self.blocks) if state is None else state.layers
         new_states = []
@@ -558,12 +567,12 @@ class TitansLM(nn.Module):
         self._check_tokens(tokens)
         out = [tokens]
         if max_new_tokens > 0:
-            logits, state = self(tokens)
+            logits, state = self._forward(tokens, None)  # the prompt was checked above
             for i in range(max_new_tokens):
                 nxt = self._sample(logits[:, -1].float(), temperature, top_k, generator)  # (B, 1)
                 out.append(nxt.to(tokens.dtype))
-                if i + 1 < max_new_tokens:
-                    logits, state = self(nxt, state)
+                if i + 1 < max_new_tokens:  # sampled ids are valid: no check, no host sync
+                    logits, state = self._forward(nxt, state)
         result = torch.cat(out, dim=1)
         return result[0] if squeeze else result
 
