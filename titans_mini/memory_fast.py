@@ -138,9 +138,8 @@ def fast_chunk_update(W, S, keys, values, queries, factors: UpdateFactors, kind:
 
     A plain function of explicit tensors and constants (no module state), so ``torch.compile``
     can trace it once and every layer with the same shapes reuses the compiled code. The
-    compiled path keeps the hand-written :class:`StateUpdate` backward: on a CPU it measured
-    1.5× faster than eager this way, but 2.6× *slower* with the update as plain ops whose
-    backward the compiler derives (bench/RESULTS.md).
+    compiled path keeps the hand-written :class:`StateUpdate` backward, which measured faster
+    than letting the compiler derive that backward (figures in bench/RESULTS.md).
     """
     n = keys.shape[1]
     if queries is not None:
