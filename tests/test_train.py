@@ -13,9 +13,11 @@ import pytest
 import torch
 from torch import nn
 
+from titans_mini import device as device_mod
 from titans_mini import train as train_mod
 from titans_mini.models import TitansConfig, TitansLM
-from titans_mini.train import TrainConfig, Trainer
+from titans_mini.train import TaskData, TrainConfig, Trainer
+from titans_mini.train_config import lr_lambda
 
 # small and quick: the `tiny` preset, short rows, no progress bar, no sample
 QUICK = dict(batch_size=8, seq_len=32, progress=False, sample_tokens=0, eval_batches=1)
@@ -51,11 +53,11 @@ def test_loss_falls_on_tiny(tmp_path):
 
 
 def test_lr_schedule_warmup_then_cosine():
-    lrs = [train_mod.lr_lambda(s, steps=100, warmup=10, min_ratio=0.1) for s in range(100)]
+    lrs = [lr_lambda(s, steps=100, warmup=10, min_ratio=0.1) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))  # rises during warm-up
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # then only falls
-    assert train_mod.lr_lambda(100, steps=100, warmup=10, min_ratio=0.1) == pytest.approx(0.1)
+    assert lr_lambda(100, steps=100, warmup=10, min_ratio=0.1) == pytest.approx(0.1)
 
 
 def test_sample_at_the_end(tmp_path):
@@ -128,11 +130,11 @@ def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
         fh.truncate(100)  # half-written file...
         raise KeyboardInterrupt("power cut")  # ...and the process stops
 
-    monkeypatch.setattr(train_mod.torch, "save", crash_midway)
+    monkeypatch.setattr(torch, "save", crash_midway)
     trainer.train_step()
     with pytest.raises(KeyboardInterrupt):
         trainer.save()
-    monkeypatch.setattr(train_mod.torch, "save", real_save)
+    monkeypatch.setattr(torch, "save", real_save)
 
     after = train_mod.load_checkpoint(path)  # still the complete step-2 checkpoint
     assert after["step"] == 2
@@ -204,6 +206,20 @@ def test_trains_on_a_task():
     assert 0.0 <= rows[-1]["val_acc"] <= 1.0 and "val_bpb" not in rows[-1]
     with pytest.raises(ValueError, match="too short"):
         Trainer(tiny(), "sniah_lite", TrainConfig(steps=1, **QUICK))
+
+
+def test_task_stream_batch_is_a_pure_function_of_the_step():
+    """Resuming needs only the step count: batch `step` does not depend on what came before;
+    ranks read different rows; held-out batches are not training batches."""
+    a, b = TaskData("mqar", 64, 64, 4, seed=3), TaskData("mqar", 64, 64, 4, seed=3)
+    b.batch(6)
+    assert torch.equal(a.batch(5).inputs, b.batch(5).inputs)
+    assert not torch.equal(a.batch(5).inputs, a.batch(6).inputs)
+    assert not torch.equal(a.batch(5).inputs, TaskData("mqar", 64, 64, 4, seed=3, rank=1).batch(5).inputs)
+    held_out = a.eval_batches(2)
+    assert all(not torch.equal(h.inputs, a.batch(i).inputs) for i, h in enumerate(held_out))
+    with pytest.raises(ValueError, match="unknown task"):
+        TaskData("copy", 64, 64, 4)
 
 
 def test_bpe_run_folder_keeps_its_tokenizer(tmp_path):
@@ -426,9 +442,7 @@ def test_out_of_memory_without_a_way_out_says_what_to_lower(variant):
 def test_compile_with_memory_refused_on_unverified_torch(monkeypatch):
     """``--compile`` traces the memory's hand-written update; like ``compile_chunks`` it is
     refused on torch versions where its gradients are not verified (baselines are not)."""
-    import titans_mini.memory as memory_mod
-
-    monkeypatch.setattr(memory_mod, "_torch_version", lambda: (2, 10))
+    monkeypatch.setattr(device_mod, "torch_version", lambda: (2, 10))
     cfg = TrainConfig(steps=1, compile=True, **QUICK)
     with pytest.raises(ValueError, match=r"needs torch >= 2\.11.*without --compile"):
         Trainer(tiny("mag"), "shakespeare", cfg)

@@ -1,0 +1,510 @@
+"""The ``Trainer``: one training loop for the notebooks and the command line.
+
+Lesson 07 trains a one-layer model with it and lesson 11 (coming) trains the language model;
+``python -m titans_mini.train`` (``titans_mini.train``) is its command line. What lives here:
+
+* ``Trainer``: built in the named steps of ``titans_mini.train_setup``; then ``train_step`` (one
+  optimiser step, the model's state carried across the segments of an excerpt and detached
+  between steps), ``evaluate``, ``fit`` (the loop: log, evaluate, checkpoint, and a text sample
+  at the end), ``save`` and resume, ``sample``;
+* the out-of-memory fallback (:func:`switch_to_checkpointing`, :func:`out_of_memory_error`): a
+  Titans variant that runs out of GPU memory recomputes its memory chunks in the backward
+  (``checkpoint_chunks``) and repeats the step; anything else gets an error that says what to
+  lower.
+
+How to train is ``titans_mini.train_config.TrainConfig``; the run folder's files are written and
+read by ``titans_mini.run_io``; synthetic tasks are streamed by ``titans_mini.task_stream``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import os
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from titans_mini import data as data_mod
+from titans_mini import run_io
+from titans_mini import tasks as tasks_mod
+from titans_mini import train_setup as setup
+from titans_mini.train_config import TrainConfig
+
+__all__ = [
+    "Trainer",
+    "TrainConfig",
+    "OOM_CHECKPOINT_CHUNKS",
+    "switch_to_checkpointing",
+    "out_of_memory_error",
+]
+
+OOM_CHECKPOINT_CHUNKS = 8  # chunk-checkpointing group switched on after an out-of-memory error
+
+
+class Trainer:
+    """Train a language model on a corpus or a synthetic task.
+
+    Args:
+        model: a ``TitansConfig`` (the model is built with ``TitansLM``, seeded by
+            ``config.seed``; its ``vocab_size`` follows the tokenizer) or a ready ``nn.Module``
+            whose ``forward(tokens, state=None)`` returns ``(logits, state)`` (or just logits).
+        data: a corpus name or path (``titans_mini.data.load_corpus``), a task name
+            (``"mqar"``, ``"sniah_lite"``, ``"selective_copy"``), a ``Corpus``, ``TextData`` or
+            ``TaskData``.
+        config: a ``TrainConfig`` (keyword overrides below win).
+        out_dir: run folder (None: keep everything in memory; nothing is written).
+        resume: ``True`` continues from ``out_dir/checkpoint.pt`` (``FileNotFoundError`` if
+            there is none); ``"auto"`` resumes when a checkpoint exists; ``False`` starts over.
+        **overrides: fields of ``TrainConfig``.
+    """
+
+    def __init__(
+        self,
+        model,
+        data="shakespeare",
+        config: TrainConfig | None = None,
+        out_dir: str | os.PathLike | None = None,
+        *,
+        resume: bool | str = False,
+        **overrides,
+    ):
+        cfg = dataclasses.replace(config or TrainConfig(), **overrides)
+        cfg.validate()
+        if resume not in (True, False, "auto"):
+            raise ValueError(f"resume must be True, False or 'auto', got {resume!r}")
+        if resume and out_dir is None:
+            raise ValueError("resume needs out_dir (the run folder holding checkpoint.pt)")
+        if not (setup.is_model_config(model) or isinstance(model, nn.Module)):
+            raise TypeError(
+                f"model must be a TitansConfig or an nn.Module, got {type(model).__name__}"
+            )
+        setup.check_data(data)
+        self.cfg = cfg
+        # the set-up steps, in order (each is a function of titans_mini.train_setup)
+        self.rank, self.local_rank, self.world_size = setup.world()
+        self.is_main = self.rank == 0
+        self.device, self.precision = setup.device_and_precision(
+            cfg, self.local_rank, self.world_size
+        )
+        self.out_dir, resuming = setup.run_folder(out_dir, resume)
+        self.text, self.task = setup.load_data(
+            data, model, cfg, rank=self.rank, out_dir=self.out_dir, resuming=resuming,
+            is_main=self.is_main,
+        )  # fmt: skip
+        self.tokenizer = None if self.text is None else self.text.tokenizer
+        self.raw_model, self.model_config = setup.build_model(model, cfg, self.text, self.device)
+        self.seq_len = cfg.seq_len or getattr(self.model_config, "seq_len", None) or 256
+        if self.text is not None:
+            self.train_batches, self.val_batches = setup.text_batches(
+                self.text, cfg, self.seq_len, self.rank
+            )
+        self.optimizer, self.scheduler = setup.build_optimizer(self.raw_model, cfg)
+        self.scaler = self.precision.grad_scaler(self.device)
+        self.model: nn.Module = setup.wrap_model(
+            self.raw_model, cfg, self.device, self.world_size
+        )
+        # progress
+        self.step = 0
+        self.state = None  # carried model state (segments > 1)
+        self.history: list[dict] = []
+        self.sample_text: str | None = None
+        if resuming:
+            self._restore(self.out_dir / run_io.CHECKPOINT)
+        elif self.out_dir is not None and self.is_main:
+            run_io.start_run_folder(self.out_dir, self._run_info(data))
+
+    def _model_config_dict(self) -> dict | None:
+        """The model config as a dict (None for a module without a dataclass config)."""
+        if dataclasses.is_dataclass(self.model_config):
+            return asdict(self.model_config)
+        return None
+
+    def _run_info(self, data) -> dict:
+        """What ``config.json`` records about this run."""
+        return {
+            "model": self._model_config_dict(),
+            "train": asdict(self.cfg),
+            "data": str(data) if isinstance(data, (str, os.PathLike)) else type(data).__name__,
+            "task": self.task.name if self.task is not None else None,
+            "tokenizer": None if self.tokenizer is None else self.tokenizer.kind,
+            "seq_len": self.seq_len,
+            "world_size": self.world_size,
+            "device": str(self.device),
+            "precision": self.precision.name,
+            "num_params": sum(p.numel() for p in self.raw_model.parameters()),
+            "torch": torch.__version__,
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs."""
+        return {
+            "step": self.step,
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": run_io.rng_state(),
+            "carried_state": self.state,
+            "train_config": asdict(self.cfg),
+            "model_config": self._model_config_dict(),
+        }
+
+    def save(self) -> Path | None:
+        """Write ``checkpoint.pt`` atomically (rank 0; no-op without ``out_dir``).
+
+        Under DDP with a carried state, every other rank writes its own carried state (its rows
+        differ) to ``carried_state.rank{r}.pt`` so that it too resumes mid-excerpt exactly.
+        """
+        if self.out_dir is None:
+            return None
+        if not self.is_main:
+            if self.state is not None:
+                extra = {"step": self.step, "carried_state": self.state}
+                run_io.save_checkpoint(extra, run_io.carried_state_path(self.out_dir, self.rank))
+            return None
+        path = self.out_dir / run_io.CHECKPOINT
+        run_io.save_checkpoint(self.state_dict(), path)
+        return path
+
+    def _restore(self, path: Path) -> None:
+        """Continue from the checkpoint at ``path`` (and drop the metrics logged after it)."""
+        ckpt = run_io.load_checkpoint(path, map_location=self.device)
+        run_io.check_same_model(ckpt.get("model_config"), self._model_config_dict(), path)
+        if ckpt["train_config"].get("steps") != self.cfg.steps and self.is_main:
+            warnings.warn(
+                "resuming with a different number of steps changes the learning-rate schedule",
+                stacklevel=3,
+            )
+        self.raw_model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        run_io.set_rng_state(ckpt["rng"])
+        self.step = int(ckpt["step"])
+        self.state = ckpt.get("carried_state") if self.is_main else self._own_carried_state()
+        if self.is_main:  # the metrics logged after the checkpoint will be produced again
+            self.history = run_io.truncate_metrics(self.out_dir / run_io.METRICS, self.step)
+
+    def _own_carried_state(self):
+        """This rank's carried state (ranks > 0 under DDP), if it was saved at this step."""
+        own = run_io.carried_state_path(self.out_dir, self.rank)
+        if own.is_file():
+            extra = run_io.load_checkpoint(own, map_location=self.device)
+            if extra["step"] == self.step:
+                return extra["carried_state"]
+        return None
+
+    # ------------------------------------------------------------------ one step
+    def _forward(self, model, inputs, state):
+        with self.precision.autocast(self.device):
+            out = model(inputs, state) if state is not None else model(inputs)
+        if isinstance(out, tuple):
+            return out[0], out[1]
+        return out, None
+
+    def _next_batch(self):
+        """(inputs, targets, reset) for the current step."""
+        if self.task is not None:
+            b = self.task.batch(self.step)
+            return b.inputs, b.targets, True
+        b = self.train_batches.batch(self.step)
+        return b.inputs, b.targets, b.reset
+
+    def train_step(self) -> float:
+        """One optimizer step; returns the training loss.
+
+        If the device runs out of memory in the forward or backward of a Titans variant, the
+        memory layers switch to chunk checkpointing (``checkpoint_chunks``; the same values and
+        gradients, recomputed in the backward: about 3× less memory, about 40 % slower on a GPU)
+        and the step is repeated. Otherwise the error says what to lower."""
+        cfg = self.cfg
+        self.model.train()
+        inputs, targets, reset = self._next_batch()
+        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        if reset:
+            self.state = None
+        try:
+            logits, new_state = self._forward(self.model, inputs, self.state)
+            loss = F.cross_entropy(
+                logits.float().flatten(0, 1), targets.flatten(),
+                ignore_index=tasks_mod.IGNORE_INDEX,
+            )  # fmt: skip
+            self.scaler.scale(loss).backward()
+        except torch.cuda.OutOfMemoryError as err:
+            # the traceback holds the step's activations: leave the except block before retrying
+            outcome = self._out_of_memory(err, inputs.shape)
+        else:
+            outcome = None
+        if outcome is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if isinstance(outcome, Exception):
+                raise outcome
+            return self.train_step()  # the same step: batches depend only on the step number
+        if cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.state = _detach(new_state) if (cfg.segments > 1 and self.task is None) else None
+        self.step += 1
+        return loss.item()
+
+    def _memory_layers(self) -> list[nn.Module]:
+        return setup.memory_layers(self.raw_model)
+
+    def _out_of_memory(self, err: Exception, shape) -> bool | Exception:
+        """After an out-of-memory error in a training step: True when chunk checkpointing was
+        switched on (repeat the step), else the error to raise, with advice."""
+        layers = self._memory_layers()
+        if self.world_size == 1 and switch_to_checkpointing(layers):
+            if dataclasses.is_dataclass(self.model_config) and hasattr(
+                self.model_config, "checkpoint_chunks"
+            ):
+                self.model_config = dataclasses.replace(
+                    self.model_config, checkpoint_chunks=OOM_CHECKPOINT_CHUNKS
+                )
+            warnings.warn(_switch_notice(shape), stacklevel=3)
+            return True
+        return out_of_memory_error(err, layers, shape, self.device.type)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss (nats per token) and bits per byte for text; loss and accuracy on
+        held-out batches for tasks. Uses the unwrapped model; restores train mode after."""
+        n = self.cfg.eval_batches
+        with _eval_mode(self.raw_model) as model:
+            if self.task is not None:
+                return _task_metrics(model, self.task.eval_batches(n), self._forward, self.device)
+            return _text_metrics(
+                model, self.val_batches.eval_batches(n), self.text.token_bytes, self._forward,
+                self.device,
+            )  # fmt: skip
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, stop_at: int | None = None) -> list[dict]:
+        """Train until ``config.steps`` (or ``stop_at``, to simulate an interruption), evaluating,
+        logging and checkpointing on the way; then a final evaluation, checkpoint and a text
+        sample. Returns ``history`` (the metrics rows)."""
+        cfg = self.cfg
+        end = cfg.steps if stop_at is None else min(int(stop_at), cfg.steps)
+        ckpt_every = cfg.eval_every if cfg.ckpt_every is None else cfg.ckpt_every
+        tokens_per_step = cfg.batch_size * self.seq_len * self.world_size
+        bar = None
+        if cfg.progress and self.is_main and self.step < end:
+            bar = tqdm(total=end, initial=self.step, desc="train", dynamic_ncols=True)
+        losses: list[float] = []
+        tick, n_timed = time.perf_counter(), 0
+        while self.step < end:
+            loss = self.train_step()
+            losses.append(loss)
+            n_timed += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}")
+            at_end = self.step == cfg.steps
+            do_eval = at_end or (cfg.eval_every > 0 and self.step % cfg.eval_every == 0)
+            do_log = do_eval or self.step % cfg.log_every == 0 or self.step == end
+            if do_log:
+                elapsed = time.perf_counter() - tick
+                row = {
+                    "step": self.step,
+                    "train_loss": self._mean_across_ranks(float(np.mean(losses))),
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "tokens_per_s": tokens_per_step * n_timed / max(elapsed, 1e-9),
+                }
+                losses = []
+                if do_eval:
+                    row.update(self.evaluate())
+                self._log(row)
+                if bar is not None and "val_loss" in row:
+                    bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{row['val_loss']:.3f}")
+                tick, n_timed = time.perf_counter(), 0
+            if at_end or self.step == end or (ckpt_every > 0 and self.step % ckpt_every == 0):
+                self.save()
+        if bar is not None:
+            bar.close()
+        if self.step == cfg.steps and cfg.sample_tokens > 0 and self.text is not None:
+            self._final_sample()
+        return self.history
+
+    def _final_sample(self) -> None:
+        """Rank 0: a text sample after the last step, kept in ``sample_text`` and ``sample.txt``."""
+        if not self.is_main:
+            return
+        self.sample_text = self.sample(max_new_tokens=self.cfg.sample_tokens)
+        if self.out_dir is not None:
+            (self.out_dir / run_io.SAMPLE).write_text(self.sample_text)
+        if self.cfg.progress:
+            print(f"--- sample after {self.step} steps ---\n{self.sample_text}\n---")
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompt: str | None = None,
+        max_new_tokens: int = 200,
+        temperature: float = 0.8,
+        top_k: int | None = None,
+    ) -> str:
+        """Generate text after ``prompt`` (default: the opening of a held-out document) with the
+        model's ``generate``, seeded by ``config.seed``."""
+        if self.text is None:
+            raise ValueError("sampling needs a text corpus (this run trains on a task)")
+        if prompt is None:
+            prompt = self.text.corpus.val[0].text[:64] if self.text.corpus.val else "\n"
+        ids = torch.tensor([self.tokenizer.encode(prompt)], device=self.device)
+        gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
+        with _eval_mode(self.raw_model) as model, self.precision.autocast(self.device):
+            out = model.generate(
+                ids, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen
+            )
+        return self.tokenizer.decode(out[0].tolist())
+
+    def _mean_across_ranks(self, value: float) -> float:
+        if self.world_size > 1 and dist.is_initialized():
+            t = torch.tensor([value], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t)
+            return float(t.item()) / self.world_size
+        return value
+
+    def _log(self, row: dict) -> None:
+        if not self.is_main:
+            return
+        self.history.append(row)
+        if self.out_dir is not None:
+            run_io.append_metrics(self.out_dir / run_io.METRICS, row)
+
+    def close(self) -> None:
+        """Tear down the process group (torchrun)."""
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ============================================================================================
+# Out of memory in a training step
+# ============================================================================================
+
+
+def switch_to_checkpointing(layers: list[nn.Module]) -> bool:
+    """Switch memory layers that keep every chunk's state to chunk checkpointing (groups of
+    ``OOM_CHECKPOINT_CHUNKS``); False when there is nothing to switch."""
+    if not layers or any(m.checkpoint_chunks != 0 for m in layers):
+        return False
+    for m in layers:
+        m.checkpoint_chunks = OOM_CHECKPOINT_CHUNKS
+    return True
+
+
+def _switch_notice(shape) -> str:
+    group = OOM_CHECKPOINT_CHUNKS
+    return (
+        f"out of memory at batch {tuple(shape)}: the memory layers now recompute their "
+        f"chunks in groups of {group} during the backward (checkpoint_chunks={group}; "
+        "same results, less memory, slower). Set it yourself to skip this retry, e.g. "
+        f"--set checkpoint_chunks={group}."
+    )
+
+
+def out_of_memory_error(
+    err: Exception, layers: list[nn.Module], shape, device_type: str
+) -> torch.cuda.OutOfMemoryError:
+    """The error to raise when running out of memory cannot be helped here: it names the batch
+    shape and what to lower, and keeps ``err`` as its cause."""
+    group = OOM_CHECKPOINT_CHUNKS
+    tips = [f"lower --batch-size (now {shape[0]}) or --seq-len (now {shape[1]})"]
+    if layers and all(m.checkpoint_chunks == 0 for m in layers):
+        tips.append(f"--set checkpoint_chunks={group} (less memory, same results, slower)")
+    elif layers:
+        tips.append("a checkpoint_chunks group near √(chunks per row), which keeps the least")
+    error = torch.cuda.OutOfMemoryError(
+        f"{device_type} ran out of memory in a training step at batch "
+        f"{tuple(shape)}: {'; or '.join(tips)}. Original error: {str(err).splitlines()[0]}"
+    )
+    error.__cause__ = err
+    return error
+
+
+# ============================================================================================
+# Helpers of the step and the evaluation
+# ============================================================================================
+
+
+def _detach(obj):
+    """Detach every tensor inside a (nested) model state: tensors, lists, tuples, dicts,
+    dataclasses. Used between steps so back-propagation stops at the segment boundary."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if isinstance(obj, list):
+        return [_detach(x) for x in obj]
+    if isinstance(obj, tuple):
+        items = [_detach(x) for x in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+    if isinstance(obj, dict):
+        return {k: _detach(v) for k, v in obj.items()}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        new = copy.copy(obj)
+        for f in dataclasses.fields(obj):
+            object.__setattr__(new, f.name, _detach(getattr(obj, f.name)))
+        return new
+    return obj
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """``model`` in eval mode inside the block; back in the mode it was in after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def _task_metrics(model, batches, forward, device) -> dict[str, float]:
+    """Loss per scored position and the task's accuracy on held-out task batches."""
+    total, count, accs = 0.0, 0, []
+    for b in batches:
+        b = b.to(device)
+        logits, _ = forward(model, b.inputs, None)
+        logits = logits.float()
+        total += F.cross_entropy(
+            logits.flatten(0, 1), b.targets.flatten(),
+            ignore_index=tasks_mod.IGNORE_INDEX, reduction="sum",
+        ).item()  # fmt: skip
+        count += int(b.score_mask.sum())
+        accs.append(b.accuracy(logits))
+    return {"val_loss": total / max(count, 1), "val_acc": float(np.mean(accs))}
+
+
+def _text_metrics(model, batches, token_bytes, forward, device) -> dict[str, float]:
+    """Loss per token and bits per byte on validation excerpts (state carried within each)."""
+    total, count, n_bytes = 0.0, 0, 0
+    token_bytes = torch.as_tensor(token_bytes)
+    state = None
+    for b in batches:
+        if b.reset:
+            state = None
+        logits, state = forward(model, b.inputs.to(device), state)
+        total += F.cross_entropy(
+            logits.float().flatten(0, 1),
+            b.targets.to(device).flatten(),
+            reduction="sum",
+        ).item()
+        count += b.targets.numel()
+        n_bytes += int(token_bytes[b.targets].sum())
+    return {"val_loss": total / count, "val_bpb": data_mod.bits_per_byte(total, n_bytes)}
