@@ -215,7 +215,8 @@ def test_task_stream_batch_is_a_pure_function_of_the_step():
     b.batch(6)
     assert torch.equal(a.batch(5).inputs, b.batch(5).inputs)
     assert not torch.equal(a.batch(5).inputs, a.batch(6).inputs)
-    assert not torch.equal(a.batch(5).inputs, TaskData("mqar", 64, 64, 4, seed=3, rank=1).batch(5).inputs)
+    rank1 = TaskData("mqar", 64, 64, 4, seed=3, rank=1)
+    assert not torch.equal(a.batch(5).inputs, rank1.batch(5).inputs)
     held_out = a.eval_batches(2)
     assert all(not torch.equal(h.inputs, a.batch(i).inputs) for i, h in enumerate(held_out))
     with pytest.raises(ValueError, match="unknown task"):

@@ -3,24 +3,27 @@
 The trainer (``titans_mini.trainer.Trainer``, used by lesson 07 to train a one-layer model and by
 lesson 11 (coming) to train the language model) keeps a run in one folder:
 
-* ``config.json`` (:func:`start_run_folder`): the model and training configs and where the run ran;
+* ``config.json`` (:func:`run_info`, :func:`start_run_folder`): the model and training configs
+  and where the run ran;
 * ``metrics.jsonl`` (:func:`append_metrics`, :func:`read_metrics`, :func:`truncate_metrics`):
   one JSON object per logged step;
 * ``checkpoint.pt`` (:func:`save_checkpoint`, :func:`load_checkpoint`): written to a temporary
   file, then renamed, so an interrupted write leaves the previous checkpoint intact; with it the
   RNG states (:func:`rng_state`, :func:`set_rng_state`) and, under torchrun, each other rank's
-  carried state (:func:`carried_state_path`);
+  carried state (:func:`save_carried_state`, :func:`load_carried_state`);
 * ``sample.txt`` and the tokenizer (``titans_mini.data.save_tokenizer``).
 
 :func:`check_out_dir` proves a folder writable before any work starts, and
-:func:`check_same_model` refuses to resume a checkpoint of another model.
+:func:`load_for_resume` refuses to resume a checkpoint of another model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +37,13 @@ __all__ = [
     "check_out_dir",
     "save_checkpoint",
     "load_checkpoint",
-    "carried_state_path",
-    "check_same_model",
+    "save_carried_state",
+    "load_carried_state",
+    "load_for_resume",
     "rng_state",
     "set_rng_state",
+    "config_dict",
+    "run_info",
     "start_run_folder",
     "read_metrics",
     "append_metrics",
@@ -92,22 +98,46 @@ def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict:
     return torch.load(path, map_location=map_location, weights_only=False)
 
 
-def carried_state_path(out_dir: Path, rank: int) -> Path:
-    """Where rank ``rank`` (> 0) keeps its own carried state under torchrun."""
+def save_carried_state(out_dir: Path, rank: int, step: int, state) -> None:
+    """Under torchrun, rank ``rank`` (> 0) keeps its own carried state (its rows differ)."""
+    save_checkpoint({"step": step, "carried_state": state}, _carried_state_path(out_dir, rank))
+
+
+def load_carried_state(out_dir: Path, rank: int, step: int, map_location=None):
+    """Rank ``rank``'s own carried state, if it was saved at ``step`` (else None)."""
+    path = _carried_state_path(out_dir, rank)
+    if path.is_file():
+        saved = load_checkpoint(path, map_location=map_location)
+        if saved["step"] == step:
+            return saved["carried_state"]
+    return None
+
+
+def _carried_state_path(out_dir: Path, rank: int) -> Path:
     return out_dir / f"carried_state.rank{rank}.pt"
 
 
-def check_same_model(saved: dict | None, now: dict | None, path: Path) -> None:
-    """``ValueError`` when the checkpoint at ``path`` was written for another model config
-    (fields that change only speed and memory use may differ)."""
-    if saved is None or now is None:
-        return
-    diff = sorted(k for k in now if k not in RUNTIME_ONLY_FIELDS and now[k] != saved.get(k))
-    if diff:
-        raise ValueError(
-            f"cannot resume {path}: the model config differs in {diff} "
-            "(resume with the same preset, variant and overrides)"
+def load_for_resume(
+    path: Path, model_config, steps: int, map_location=None, *, warn: bool = True
+) -> dict:
+    """The checkpoint at ``path``, checked against the resuming run: ``ValueError`` if it was
+    written for another model config (fields that change only speed and memory use may
+    differ); a warning (when ``warn``) if the number of steps differs."""
+    ckpt = load_checkpoint(path, map_location=map_location)
+    saved, now = ckpt.get("model_config"), config_dict(model_config)
+    if saved is not None and now is not None:
+        diff = sorted(k for k in now if k not in RUNTIME_ONLY_FIELDS and now[k] != saved.get(k))
+        if diff:
+            raise ValueError(
+                f"cannot resume {path}: the model config differs in {diff} "
+                "(resume with the same preset, variant and overrides)"
+            )
+    if ckpt["train_config"].get("steps") != steps and warn:
+        warnings.warn(
+            "resuming with a different number of steps changes the learning-rate schedule",
+            stacklevel=4,  # the caller of Trainer(...)
         )
+    return ckpt
 
 
 def rng_state() -> dict:
@@ -132,6 +162,28 @@ def set_rng_state(state: dict) -> None:
 
 
 # ------------------------------------------------------------------------- config and metrics
+def config_dict(config) -> dict | None:
+    """A dataclass config as a dict (None for anything else, e.g. a module without one)."""
+    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else None
+
+
+def run_info(trainer, data) -> dict:
+    """What ``config.json`` records about a ``Trainer``'s run (``data`` as it was given)."""
+    return {
+        "model": config_dict(trainer.model_config),
+        "train": dataclasses.asdict(trainer.cfg),
+        "data": str(data) if isinstance(data, (str, os.PathLike)) else type(data).__name__,
+        "task": trainer.task.name if trainer.task is not None else None,
+        "tokenizer": None if trainer.tokenizer is None else trainer.tokenizer.kind,
+        "seq_len": trainer.seq_len,
+        "world_size": trainer.world_size,
+        "device": str(trainer.device),
+        "precision": trainer.precision.name,
+        "num_params": sum(p.numel() for p in trainer.raw_model.parameters()),
+        "torch": torch.__version__,
+    }
+
+
 def start_run_folder(out_dir: Path, info: dict) -> None:
     """A fresh run: an empty ``metrics.jsonl`` and ``info`` in ``config.json`` (values JSON
     cannot hold become strings)."""

@@ -3,6 +3,7 @@
 ``titans_mini.trainer.Trainer`` (used by lesson 07 to train a one-layer model and by lesson 11
 (coming) to train the language model) calls these in this order when it is built:
 
+0. :func:`check_arguments`: every argument checked before any work starts;
 1. :func:`world`: rank and world size under ``torchrun`` (one process without it);
 2. :func:`device_and_precision`: the device, the precision (bf16 / fp16 + gradient scaler /
    fp32, chosen by ``titans_mini.device``) and, under ``torchrun``, the process group;
@@ -41,6 +42,7 @@ __all__ = [
     "module_vocab",
     "memory_layers",
     "check_data",
+    "check_arguments",
     "device_and_precision",
     "run_folder",
     "make_tokenizer",
@@ -106,6 +108,18 @@ def check_data(spec) -> None:
 
 
 # --------------------------------------------------------------------------------- the steps
+def check_arguments(cfg: TrainConfig, model, data, out_dir, resume) -> None:
+    """Fail fast on a bad ``Trainer(...)`` argument, before any work starts."""
+    cfg.validate()
+    if resume not in (True, False, "auto"):
+        raise ValueError(f"resume must be True, False or 'auto', got {resume!r}")
+    if resume and out_dir is None:
+        raise ValueError("resume needs out_dir (the run folder holding checkpoint.pt)")
+    if not (is_model_config(model) or isinstance(model, nn.Module)):
+        raise TypeError(f"model must be a TitansConfig or an nn.Module, got {type(model).__name__}")
+    check_data(data)
+
+
 def device_and_precision(
     cfg: TrainConfig, local_rank: int, world_size: int
 ) -> tuple[torch.device, device_mod.Precision]:

@@ -7,10 +7,9 @@ Lesson 07 trains a one-layer model with it and lesson 11 (coming) trains the lan
   optimiser step, the model's state carried across the segments of an excerpt and detached
   between steps), ``evaluate``, ``fit`` (the loop: log, evaluate, checkpoint, and a text sample
   at the end), ``save`` and resume, ``sample``;
-* the out-of-memory fallback (:func:`switch_to_checkpointing`, :func:`out_of_memory_error`): a
-  Titans variant that runs out of GPU memory recomputes its memory chunks in the backward
-  (``checkpoint_chunks``) and repeats the step; anything else gets an error that says what to
-  lower.
+* the out-of-memory fallback (``_recover_from_out_of_memory``): a Titans variant that runs out
+  of GPU memory recomputes its memory chunks in the backward (``checkpoint_chunks``) and repeats
+  the step; anything else gets an error that says what to lower.
 
 How to train is ``titans_mini.train_config.TrainConfig``; the run folder's files are written and
 read by ``titans_mini.run_io``; synthetic tasks are streamed by ``titans_mini.task_stream``.
@@ -40,13 +39,7 @@ from titans_mini import tasks as tasks_mod
 from titans_mini import train_setup as setup
 from titans_mini.train_config import TrainConfig
 
-__all__ = [
-    "Trainer",
-    "TrainConfig",
-    "OOM_CHECKPOINT_CHUNKS",
-    "switch_to_checkpointing",
-    "out_of_memory_error",
-]
+__all__ = ["Trainer", "TrainConfig", "OOM_CHECKPOINT_CHUNKS"]
 
 OOM_CHECKPOINT_CHUNKS = 8  # chunk-checkpointing group switched on after an out-of-memory error
 
@@ -78,18 +71,8 @@ class Trainer:
         resume: bool | str = False,
         **overrides,
     ):
-        cfg = dataclasses.replace(config or TrainConfig(), **overrides)
-        cfg.validate()
-        if resume not in (True, False, "auto"):
-            raise ValueError(f"resume must be True, False or 'auto', got {resume!r}")
-        if resume and out_dir is None:
-            raise ValueError("resume needs out_dir (the run folder holding checkpoint.pt)")
-        if not (setup.is_model_config(model) or isinstance(model, nn.Module)):
-            raise TypeError(
-                f"model must be a TitansConfig or an nn.Module, got {type(model).__name__}"
-            )
-        setup.check_data(data)
-        self.cfg = cfg
+        self.cfg = cfg = dataclasses.replace(config or TrainConfig(), **overrides)
+        setup.check_arguments(cfg, model, data, out_dir, resume)
         # the set-up steps, in order (each is a function of titans_mini.train_setup)
         self.rank, self.local_rank, self.world_size = setup.world()
         self.is_main = self.rank == 0
@@ -110,9 +93,7 @@ class Trainer:
             )
         self.optimizer, self.scheduler = setup.build_optimizer(self.raw_model, cfg)
         self.scaler = self.precision.grad_scaler(self.device)
-        self.model: nn.Module = setup.wrap_model(
-            self.raw_model, cfg, self.device, self.world_size
-        )
+        self.model = setup.wrap_model(self.raw_model, cfg, self.device, self.world_size)
         # progress
         self.step = 0
         self.state = None  # carried model state (segments > 1)
@@ -121,29 +102,7 @@ class Trainer:
         if resuming:
             self._restore(self.out_dir / run_io.CHECKPOINT)
         elif self.out_dir is not None and self.is_main:
-            run_io.start_run_folder(self.out_dir, self._run_info(data))
-
-    def _model_config_dict(self) -> dict | None:
-        """The model config as a dict (None for a module without a dataclass config)."""
-        if dataclasses.is_dataclass(self.model_config):
-            return asdict(self.model_config)
-        return None
-
-    def _run_info(self, data) -> dict:
-        """What ``config.json`` records about this run."""
-        return {
-            "model": self._model_config_dict(),
-            "train": asdict(self.cfg),
-            "data": str(data) if isinstance(data, (str, os.PathLike)) else type(data).__name__,
-            "task": self.task.name if self.task is not None else None,
-            "tokenizer": None if self.tokenizer is None else self.tokenizer.kind,
-            "seq_len": self.seq_len,
-            "world_size": self.world_size,
-            "device": str(self.device),
-            "precision": self.precision.name,
-            "num_params": sum(p.numel() for p in self.raw_model.parameters()),
-            "torch": torch.__version__,
-        }
+            run_io.start_run_folder(self.out_dir, run_io.run_info(self, data))
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -157,7 +116,7 @@ class Trainer:
             "rng": run_io.rng_state(),
             "carried_state": self.state,
             "train_config": asdict(self.cfg),
-            "model_config": self._model_config_dict(),
+            "model_config": run_io.config_dict(self.model_config),
         }
 
     def save(self) -> Path | None:
@@ -170,8 +129,7 @@ class Trainer:
             return None
         if not self.is_main:
             if self.state is not None:
-                extra = {"step": self.step, "carried_state": self.state}
-                run_io.save_checkpoint(extra, run_io.carried_state_path(self.out_dir, self.rank))
+                run_io.save_carried_state(self.out_dir, self.rank, self.step, self.state)
             return None
         path = self.out_dir / run_io.CHECKPOINT
         run_io.save_checkpoint(self.state_dict(), path)
@@ -179,31 +137,21 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         """Continue from the checkpoint at ``path`` (and drop the metrics logged after it)."""
-        ckpt = run_io.load_checkpoint(path, map_location=self.device)
-        run_io.check_same_model(ckpt.get("model_config"), self._model_config_dict(), path)
-        if ckpt["train_config"].get("steps") != self.cfg.steps and self.is_main:
-            warnings.warn(
-                "resuming with a different number of steps changes the learning-rate schedule",
-                stacklevel=3,
-            )
+        ckpt = run_io.load_for_resume(
+            path, self.model_config, self.cfg.steps, self.device, warn=self.is_main
+        )
         self.raw_model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         run_io.set_rng_state(ckpt["rng"])
         self.step = int(ckpt["step"])
-        self.state = ckpt.get("carried_state") if self.is_main else self._own_carried_state()
-        if self.is_main:  # the metrics logged after the checkpoint will be produced again
+        if self.is_main:
+            self.state = ckpt.get("carried_state")
+            # the metrics logged after the checkpoint will be produced again
             self.history = run_io.truncate_metrics(self.out_dir / run_io.METRICS, self.step)
-
-    def _own_carried_state(self):
-        """This rank's carried state (ranks > 0 under DDP), if it was saved at this step."""
-        own = run_io.carried_state_path(self.out_dir, self.rank)
-        if own.is_file():
-            extra = run_io.load_checkpoint(own, map_location=self.device)
-            if extra["step"] == self.step:
-                return extra["carried_state"]
-        return None
+        else:
+            self.state = run_io.load_carried_state(self.out_dir, self.rank, self.step, self.device)
 
     # ------------------------------------------------------------------ one step
     def _forward(self, model, inputs, state):
@@ -243,7 +191,7 @@ class Trainer:
             self.scaler.scale(loss).backward()
         except torch.cuda.OutOfMemoryError as err:
             # the traceback holds the step's activations: leave the except block before retrying
-            outcome = self._out_of_memory(err, inputs.shape)
+            outcome = _recover_from_out_of_memory(self, err, inputs.shape)
         else:
             outcome = None
         if outcome is not None:
@@ -266,21 +214,6 @@ class Trainer:
 
     def _memory_layers(self) -> list[nn.Module]:
         return setup.memory_layers(self.raw_model)
-
-    def _out_of_memory(self, err: Exception, shape) -> bool | Exception:
-        """After an out-of-memory error in a training step: True when chunk checkpointing was
-        switched on (repeat the step), else the error to raise, with advice."""
-        layers = self._memory_layers()
-        if self.world_size == 1 and switch_to_checkpointing(layers):
-            if dataclasses.is_dataclass(self.model_config) and hasattr(
-                self.model_config, "checkpoint_chunks"
-            ):
-                self.model_config = dataclasses.replace(
-                    self.model_config, checkpoint_chunks=OOM_CHECKPOINT_CHUNKS
-                )
-            warnings.warn(_switch_notice(shape), stacklevel=3)
-            return True
-        return out_of_memory_error(err, layers, shape, self.device.type)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -322,9 +255,11 @@ class Trainer:
             do_log = do_eval or self.step % cfg.log_every == 0 or self.step == end
             if do_log:
                 elapsed = time.perf_counter() - tick
+                mean_loss = float(np.mean(losses))
+                train_loss = _mean_across_ranks(mean_loss, self.world_size, self.device)
                 row = {
                     "step": self.step,
-                    "train_loss": self._mean_across_ranks(float(np.mean(losses))),
+                    "train_loss": train_loss,
                     "lr": self.scheduler.get_last_lr()[0],
                     "tokens_per_s": tokens_per_step * n_timed / max(elapsed, 1e-9),
                 }
@@ -375,13 +310,6 @@ class Trainer:
             )
         return self.tokenizer.decode(out[0].tolist())
 
-    def _mean_across_ranks(self, value: float) -> float:
-        if self.world_size > 1 and dist.is_initialized():
-            t = torch.tensor([value], dtype=torch.float64, device=self.device)
-            dist.all_reduce(t)
-            return float(t.item()) / self.world_size
-        return value
-
     def _log(self, row: dict) -> None:
         if not self.is_main:
             return
@@ -400,39 +328,32 @@ class Trainer:
 # ============================================================================================
 
 
-def switch_to_checkpointing(layers: list[nn.Module]) -> bool:
-    """Switch memory layers that keep every chunk's state to chunk checkpointing (groups of
-    ``OOM_CHECKPOINT_CHUNKS``); False when there is nothing to switch."""
-    if not layers or any(m.checkpoint_chunks != 0 for m in layers):
-        return False
-    for m in layers:
-        m.checkpoint_chunks = OOM_CHECKPOINT_CHUNKS
-    return True
-
-
-def _switch_notice(shape) -> str:
+def _recover_from_out_of_memory(trainer: Trainer, err: Exception, shape) -> bool | Exception:
+    """After an out-of-memory error in a training step: True when the memory layers were switched
+    to chunk checkpointing (repeat the step), else the error to raise, with advice."""
+    layers = setup.memory_layers(trainer.raw_model)
     group = OOM_CHECKPOINT_CHUNKS
-    return (
-        f"out of memory at batch {tuple(shape)}: the memory layers now recompute their "
-        f"chunks in groups of {group} during the backward (checkpoint_chunks={group}; "
-        "same results, less memory, slower). Set it yourself to skip this retry, e.g. "
-        f"--set checkpoint_chunks={group}."
-    )
-
-
-def out_of_memory_error(
-    err: Exception, layers: list[nn.Module], shape, device_type: str
-) -> torch.cuda.OutOfMemoryError:
-    """The error to raise when running out of memory cannot be helped here: it names the batch
-    shape and what to lower, and keeps ``err`` as its cause."""
-    group = OOM_CHECKPOINT_CHUNKS
+    if trainer.world_size == 1 and layers and all(m.checkpoint_chunks == 0 for m in layers):
+        for m in layers:
+            m.checkpoint_chunks = group
+        config = trainer.model_config
+        if dataclasses.is_dataclass(config) and hasattr(config, "checkpoint_chunks"):
+            trainer.model_config = dataclasses.replace(config, checkpoint_chunks=group)
+        warnings.warn(
+            f"out of memory at batch {tuple(shape)}: the memory layers now recompute their "
+            f"chunks in groups of {group} during the backward (checkpoint_chunks={group}; "
+            "same results, less memory, slower). Set it yourself to skip this retry, e.g. "
+            f"--set checkpoint_chunks={group}.",
+            stacklevel=3,  # the caller of train_step
+        )
+        return True
     tips = [f"lower --batch-size (now {shape[0]}) or --seq-len (now {shape[1]})"]
     if layers and all(m.checkpoint_chunks == 0 for m in layers):
         tips.append(f"--set checkpoint_chunks={group} (less memory, same results, slower)")
     elif layers:
         tips.append("a checkpoint_chunks group near √(chunks per row), which keeps the least")
     error = torch.cuda.OutOfMemoryError(
-        f"{device_type} ran out of memory in a training step at batch "
+        f"{trainer.device.type} ran out of memory in a training step at batch "
         f"{tuple(shape)}: {'; or '.join(tips)}. Original error: {str(err).splitlines()[0]}"
     )
     error.__cause__ = err
@@ -462,6 +383,15 @@ def _detach(obj):
             object.__setattr__(new, f.name, _detach(getattr(obj, f.name)))
         return new
     return obj
+
+
+def _mean_across_ranks(value: float, world_size: int, device: torch.device) -> float:
+    """The mean of ``value`` over the torchrun processes (``value`` itself in one process)."""
+    if world_size > 1 and dist.is_initialized():
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return float(t.item()) / world_size
+    return value
 
 
 @contextlib.contextmanager
