@@ -3,7 +3,7 @@
     python bench/repeat_probe.py                                   # cpu-demo, swa / mag / lmm
     python bench/repeat_probe.py --variants mag --steps 600 --device cuda --preset colab-t4
 
-Each variant is trained with ``titans_mini.train.Trainer`` on the bundled Shakespeare (documents
+Each variant is trained with ``titans_mini.trainer.Trainer`` on the bundled Shakespeare (documents
 streamed in ``--segments`` consecutive segments, state carried). Then, on held-out plays, each
 probe sequence is::
 
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from titans_mini.models import TitansConfig
-from titans_mini.train import TrainConfig, Trainer
+from titans_mini.trainer import TrainConfig, Trainer
 
 
 def per_token_loss(model, ids: torch.Tensor) -> torch.Tensor:
