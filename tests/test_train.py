@@ -18,6 +18,7 @@ from titans_mini import train as train_mod
 from titans_mini.models import TitansConfig, TitansLM
 from titans_mini.train import TaskData, TrainConfig, Trainer
 from titans_mini.train_config import lr_lambda
+from titans_mini.train_setup import memory_layers
 
 # small and quick: the `tiny` preset, short rows, no progress bar, no sample
 QUICK = dict(batch_size=8, seq_len=32, progress=False, sample_tokens=0, eval_batches=1)
@@ -390,7 +391,7 @@ def _fail_without_checkpointing(trainer, calls):
     forward = trainer._forward
 
     def guarded(model, inputs, state):
-        calls.append([m.checkpoint_chunks for m in trainer._memory_layers()])
+        calls.append([m.checkpoint_chunks for m in memory_layers(trainer.raw_model)])
         if torch.is_grad_enabled() and not all(calls[-1]):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return forward(model, inputs, state)
@@ -410,7 +411,7 @@ def test_out_of_memory_switches_titans_memory_to_chunk_checkpointing(tmp_path):
     with pytest.warns(UserWarning, match="checkpoint_chunks=8"):
         got = [trainer.train_step()]
     got.append(trainer.train_step())
-    n_layers = len(trainer._memory_layers())
+    n_layers = len(memory_layers(trainer.raw_model))
     assert n_layers == 2
     assert calls == [[0, 0], [8, 8], [8, 8]]  # failed once, repeated step 1, then step 2
     assert trainer.step == 2 and trainer.model_config.checkpoint_chunks == 8

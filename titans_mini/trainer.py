@@ -212,9 +212,6 @@ class Trainer:
         self.step += 1
         return loss.item()
 
-    def _memory_layers(self) -> list[nn.Module]:
-        return setup.memory_layers(self.raw_model)
-
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
