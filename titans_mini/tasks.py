@@ -39,7 +39,6 @@ __all__ = [
     "surprise_stream",
     "token_accuracy",
     "exact_match",
-    "stream_recall_accuracy",
     "event_detection",
     "RULER_NOISE",
     "RULER_DEPTHS",
@@ -526,8 +525,16 @@ class SurpriseStream:
         return torch.unique(torch.cat([self.novel_positions, self.regime_positions]))
 
     def accuracy(self, predicted_values: torch.Tensor) -> float:
-        """:func:`stream_recall_accuracy` of ``predicted_values`` ``(B, T, dim)``."""
-        return stream_recall_accuracy(predicted_values, self)
+        """Fraction of scored steps where ``predicted_values`` ``(B, T, dim)`` is closest (cosine)
+        to the right value among the current regime's values for all recurring keys."""
+        pred = predicted_values.detach().to(torch.float32).cpu()
+        if pred.shape != self.targets.shape:
+            raise ValueError(f"predictions {tuple(pred.shape)} vs values {tuple(self.targets.shape)}: "
+                             "predict one value vector per step of the stream")
+        bank = self.value_banks[:, self.regime]  # (B, T, n_keys, dim)
+        sims = torch.einsum("btd,btkd->btk", torch.nn.functional.normalize(pred, dim=-1), bank)
+        right = sims.argmax(dim=-1) == self.key_ids
+        return float((right & self.score_mask).sum()) / max(int(self.score_mask.sum()), 1)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -642,20 +649,6 @@ def surprise_stream(
         key_bank=torch.as_tensor(key_bank, dtype=f32),
         value_banks=torch.as_tensor(value_banks, dtype=f32),
     )
-
-
-def stream_recall_accuracy(predicted_values: torch.Tensor, stream: SurpriseStream) -> float:
-    """Fraction of scored steps where the prediction is closest (cosine) to the right value
-    among the current regime's values for all recurring keys."""
-    pred = predicted_values.detach().to(torch.float32).cpu()
-    if pred.shape != stream.targets.shape:
-        raise ValueError(f"predictions {tuple(pred.shape)} vs values {tuple(stream.targets.shape)}")
-    B, T, _ = pred.shape
-    bank = stream.value_banks[:, stream.regime]  # (B, T, n_keys, dim)
-    sims = torch.einsum("btd,btkd->btk", torch.nn.functional.normalize(pred, dim=-1), bank)
-    right = sims.argmax(dim=-1) == stream.key_ids
-    mask = stream.score_mask
-    return float((right & mask).sum()) / max(int(mask.sum()), 1)
 
 
 def event_detection(
