@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from torch import nn
 from titans_mini import data as data_mod
 from titans_mini import device as device_mod
 from titans_mini import run_io
-from titans_mini.models import TitansLM
+from titans_mini.models import TitansConfig, TitansLM
 from titans_mini.task_stream import TASK_NAMES, TaskData
 from titans_mini.train_config import TrainConfig, lr_lambda
 
@@ -68,7 +67,7 @@ def world() -> tuple[int, int, int]:
 
 def is_model_config(model) -> bool:
     """True for a ``TitansConfig`` (the trainer builds the model), False for anything else."""
-    return type(model).__name__ == "TitansConfig" and dataclasses.is_dataclass(model)
+    return isinstance(model, TitansConfig)
 
 
 def module_vocab(model: nn.Module) -> int:
