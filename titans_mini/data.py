@@ -1,5 +1,8 @@
 """Text data for the course: tokenizers, corpora and batching that keeps documents contiguous.
 
+Lessons: 07 trains a one-layer memory model on the bundled Shakespeare text with these; lesson 11
+(coming) trains the language model on them.
+
 Three pieces, each usable on its own::
 
     corpus = load_corpus("shakespeare")          # bundled; or a .txt file / folder; or "tinystories"

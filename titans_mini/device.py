@@ -1,5 +1,8 @@
 """Device and precision choice for the course.
 
+Lessons: every lesson calls :func:`describe` and :func:`fast_mode` in its first code cell; the
+trainer uses the rest.
+
 One place decides where tensors live and in which precision we train, so every notebook and the
 trainer behave the same on a laptop CPU, a Colab T4 and an H100:
 

@@ -1,5 +1,7 @@
 """Check the environment: ``python -m titans_mini.env_check``.
 
+Lessons: 00 runs it as the set-up check.
+
 Prints one ``[OK]`` / ``[FAIL]`` line per requirement, with what to do when something fails, and
 exits with status 1 if anything required is missing. The README's troubleshooting section points
 here.

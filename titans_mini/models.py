@@ -1,5 +1,7 @@
 """Titans language models (MAC, MAG, MAL, LMM) and the Transformer++ / SWA baselines.
 
+Lessons: 08–12 (coming) build and compare these models; lessons 02–07 build the memory they use.
+
 Every model is a stack of Llama-style pre-norm residual blocks [paper v1 §4.4]::
 
     h   = x + Mixer(RMSNorm(x))            (MAL: two mixers, memory then SWA, each pre-norm)

@@ -1,7 +1,7 @@
 """The trainer's run folder: what it writes, how it reads it back, and the RNG state it saves.
 
-The trainer (``titans_mini.trainer.Trainer``, used by lesson 07 to train a one-layer model and by
-lesson 11 (coming) to train the language model) keeps a run in one folder:
+The trainer (``titans_mini.trainer.Trainer``; lessons 08–12, coming, train their models with it)
+keeps a run in one folder:
 
 * ``config.json`` (:func:`run_info`, :func:`start_run_folder`): the model and training configs
   and where the run ran;

@@ -1,5 +1,7 @@
 """First-order linear recurrences  h_t = a_t · h_{t-1} + b_t  (paper eq. 18).
 
+Lessons: 06b builds the scan (exercise 2) and checks it against :func:`linear_scan_loop`.
+
 With the per-token gradients g_t held fixed, both Titans updates are such recurrences:
 
     S_t = η_t · S_{t-1} − θ_t · g_t            (momentum,   paper eq. 14: a = η,     b = −θ g)

@@ -1,7 +1,7 @@
 """A synthetic task (``titans_mini.tasks``) as a stream of training batches for the trainer.
 
-The trainer (``titans_mini.trainer.Trainer``, used by lesson 07 to train a one-layer model and by
-lesson 11 (coming) to train the language model) takes ``data="mqar"``, ``"sniah_lite"`` or
+The trainer (``titans_mini.trainer.Trainer``; lessons 08–12, coming, train their models with it)
+takes ``data="mqar"``, ``"sniah_lite"`` or
 ``"selective_copy"``; this module turns that name into batches:
 
 * ``TASK_NAMES``: the ``data`` names that select a task, aliases included;

@@ -1,7 +1,8 @@
 """The trainer's command line, ``python -m titans_mini.train`` / ``titans-train``.
 
 One trainer for the notebooks and the command line, from a laptop CPU to Colab and torchrun.
-Lesson 07 trains a one-layer model with it and lesson 11 (coming) trains the language model.
+Lessons 08–12 (coming) train their models with it; lesson 11's language model is trained from
+this command line on a GPU.
 
 In a notebook::
 

@@ -1,7 +1,7 @@
 """How to train: ``TrainConfig``, the per-preset defaults and the learning-rate schedule.
 
-The trainer (``titans_mini.trainer.Trainer``, used by lesson 07 to train a one-layer model and by
-lesson 11 (coming) to train the language model) and its command line (``titans_mini.train``)
+The trainer (``titans_mini.trainer.Trainer``; lessons 08–12, coming, train their models with it)
+and its command line (``titans_mini.train``)
 read these; the model's shape lives in ``titans_mini.models.TitansConfig``.
 
 * ``TrainConfig``: steps, batch, optimiser, schedule, evaluation, logging, checkpoints, device,

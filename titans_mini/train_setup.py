@@ -1,7 +1,6 @@
 """How the trainer gets ready to train, one named step per function.
 
-``titans_mini.trainer.Trainer`` (used by lesson 07 to train a one-layer model and by lesson 11
-(coming) to train the language model) calls these in this order when it is built:
+``titans_mini.trainer.Trainer`` (lessons 08–12, coming, train their models with it) calls these in this order when it is built:
 
 0. :func:`check_arguments`: every argument checked before any work starts;
 1. :func:`world`: rank and world size under ``torchrun`` (one process without it);

@@ -1,6 +1,7 @@
 """The ``Trainer``: one training loop for the notebooks and the command line.
 
-Lesson 07 trains a one-layer model with it and lesson 11 (coming) trains the language model;
+Lessons 08–12 (coming) train their models with it (lesson 07 writes its own ten-line loop, to
+show every step);
 ``python -m titans_mini.train`` (``titans_mini.train``) is its command line. What lives here:
 
 * ``Trainer``: built in the named steps of ``titans_mini.train_setup``; then ``train_step`` (one

@@ -1,5 +1,7 @@
 """Plots and small ipywidgets explorers used by the course notebooks.
 
+Lessons: every lesson from 01 on draws its figures with these helpers; 03–04 use the widgets.
+
 Every function here only *draws*: the numbers come from the notebook (or the library), so a
 learner can see exactly what is computed. Each plot helper takes an optional matplotlib ``ax``
 and returns it, sets a title and axis labels, and never calls ``plt.show()`` itself unless it
