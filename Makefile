@@ -1,7 +1,7 @@
 # titans_mini -- the two commands a newcomer needs:
 #   make lab    set up the environment and open JupyterLab on the course
 #   make test   set up the environment and run lint + the whole test suite (what CI runs)
-# Other targets: make exercises | make grade | make bench | make test-widgets77 | make test-browser
+# Other targets: make exercises | make render | make grade | make bench | make test-widgets77 | make test-browser
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -22,12 +22,13 @@ TORCH_CPU_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_WORKERS ?= 2
 
-.PHONY: help setup lab test lint pytest exercises grade bench test-widgets77 test-browser clean
+.PHONY: help setup lab test lint pytest exercises render grade bench test-widgets77 test-browser clean
 
 help:
 	@echo "make lab        set up (venv, torch, package, kernel) and open JupyterLab on notebooks/"
 	@echo "make test       set up, then ruff + the whole pytest suite (notebooks with TITANS_FAST=1)"
 	@echo "make exercises  regenerate exercises/ from solutions/"
+	@echo "make render     run every lesson at full size and store it with its outputs (slow)"
 	@echo "make grade      grade your exercises/ notebooks with the checks"
 	@echo "make bench      run the benchmark scripts in bench/"
 
@@ -68,6 +69,11 @@ test: lint pytest
 exercises: setup
 	$(PY) -m tools.notebook_setup
 	$(PY) -m tools.exercise_gen
+
+# Full-size runs of the lessons, stored with their outputs (tools/render.py). One lesson:
+# $(PY) -m tools.render notebooks/NN_name.ipynb
+render: setup
+	$(PY) -m tools.render
 
 grade: setup
 	TITANS_FAST=1 $(PY) -m pytest tests/test_exercises.py --impl exercises -q

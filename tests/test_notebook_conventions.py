@@ -10,6 +10,7 @@ import types
 import pytest
 
 from tools import notebook_setup as ns
+from tools import render
 from tools.notebook_setup import ROOT_DIRS, all_notebooks
 
 _ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
@@ -28,13 +29,47 @@ def test_title_badge_and_setup_cell(path):
     assert nb["metadata"].get("kernelspec", {}).get("name") == "python3", f"{rel}: kernelspec python3"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.relative_to(_ROOT).as_posix())
-def test_stored_without_outputs(path):
+LESSONS = [p for p in NOTEBOOKS if p.parent.name == "notebooks"]
+WORKBOOKS = [p for p in NOTEBOOKS if p.parent.name != "notebooks"]
+
+
+@pytest.mark.parametrize("path", WORKBOOKS, ids=lambda p: p.relative_to(_ROOT).as_posix())
+def test_exercises_and_solutions_stored_without_outputs(path):
     nb = json.loads(path.read_text())
-    if nb["metadata"].get("titans_mini", {}).get("outputs_from_full_run"):
-        pytest.skip("outputs come from a documented full run")
     with_outputs = [i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code" and c.get("outputs")]
-    assert not with_outputs, f"cells {with_outputs} carry outputs; clear them before committing"
+    assert not with_outputs, f"cells {with_outputs} carry outputs; clear them (make exercises) before committing"
+    assert "titans_mini" not in nb["metadata"], "only lessons carry a render record"
+
+
+@pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.relative_to(_ROOT).as_posix())
+def test_lesson_outputs_come_from_a_full_run_of_this_code(path):
+    """A lesson is stored with the outputs of `make render`; its code must be the code that ran."""
+    rel = path.relative_to(_ROOT).as_posix()
+    nb = json.loads(path.read_text())
+    record = nb["metadata"].get("titans_mini", {}).get("outputs_from_full_run")
+    assert record, f"{rel} has no stored full run: run `make render` (python -m tools.render {rel})"
+    assert record["code_sha256"] == render.code_hash(nb), (
+        f"{rel}: its code changed since its outputs were made; re-run `python -m tools.render {rel}`")
+    assert {"machine", "date", "seconds"} <= record.keys()
+    note = [c for c in nb["cells"] if c.get("id") == render.NOTE_ID]
+    assert len(note) == 1 and record["machine"] in "".join(note[0]["source"]), "the notebook names its machine"
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert all(c.get("execution_count") for c in code), f"{rel}: not every code cell ran"
+    errors = [o for c in code for o in c.get("outputs", []) if o["output_type"] == "error"]
+    assert not errors, f"{rel}: the stored run raised {errors[0].get('ename')}"
+
+
+def test_code_hash_sees_code_but_not_outputs_or_markdown():
+    nb = {"cells": [{"cell_type": "markdown", "source": "# T"},
+                    {"cell_type": "code", "source": "x = 1", "outputs": []}], "metadata": {}}
+    h = render.code_hash(nb)
+    with_output = json.loads(json.dumps(nb))
+    with_output["cells"][1]["outputs"] = [{"output_type": "stream", "name": "stdout", "text": "1"}]
+    with_output["cells"][0]["source"] = "# Another title"
+    assert render.code_hash(with_output) == h
+    edited = json.loads(json.dumps(nb))
+    edited["cells"][1]["source"] = "x = 2"
+    assert render.code_hash(edited) != h
 
 
 def test_problems_detects_drift():
