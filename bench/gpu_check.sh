@@ -61,7 +61,7 @@ for part in $PARTS; do
         [ "$spec" != "$v" ] && extra=(--set compile_chunks=true)
         start=$(date +%s)
         timeout "$TRAIN_TIMEOUT" python3 -m titans_mini.train --preset "$TRAIN_PRESET" --variant "$v" \
-          --steps "$TRAIN_STEPS" --out "/tmp/run_$spec" --device "$TRAIN_DEVICE" --no-progress \
+          --steps "$TRAIN_STEPS" --out "/tmp/run_$spec" --overwrite --device "$TRAIN_DEVICE" --no-progress \
           --eval-every "$TRAIN_STEPS" "${extra[@]}" 2>&1 | tail -4
         echo "$spec wall_s $(( $(date +%s) - start ))" | tee -a "$OUT/train_wall.txt"
         cp "/tmp/run_$spec/metrics.jsonl" "$OUT/train_$spec.jsonl" 2>/dev/null

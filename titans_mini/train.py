@@ -63,11 +63,17 @@ from typing import Any
 from titans_mini import data as data_mod
 from titans_mini.device import pick_device
 from titans_mini.models import PRESETS, VARIANTS, TitansConfig
-from titans_mini.run_io import CHECKPOINT, check_out_dir, load_checkpoint, save_checkpoint
+from titans_mini.run_io import (
+    CHECKPOINT,
+    DiskFullError,
+    check_out_dir,
+    load_checkpoint,
+    save_checkpoint,
+)
 from titans_mini.task_stream import TASK_NAMES, TaskData
 from titans_mini.train_config import TRAIN_DEFAULTS, TrainConfig
 from titans_mini.train_setup import check_data
-from titans_mini.trainer import Trainer
+from titans_mini.trainer import Trainer, TrainingDiverged
 
 __all__ = [
     "TrainConfig",
@@ -91,7 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", required=True, help="mac, mag, mal, lmm, transformer or swa")
     p.add_argument("--steps", type=int, required=True, help="optimizer steps in total")
     p.add_argument("--out", required=True, help="run folder (metrics, config, checkpoint)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/checkpoint.pt; of the settings only --steps, --lr, the logging, "
+        "evaluation and checkpoint intervals, --device, --precision and --compile may change "
+        "(recorded in OUT/config.json)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in OUT even though it holds one (deletes that run's files)",
+    )
     p.add_argument(
         "--data",
         default="shakespeare",
@@ -149,9 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model_cfg, train_cfg = configs_from_args(args)
         trainer = Trainer(
-            model_cfg, data=args.data, config=train_cfg, out_dir=args.out, resume=args.resume
-        )
-    except (ValueError, FileNotFoundError, data_mod.CorpusUnavailableError) as err:
+            model_cfg, data=args.data, config=train_cfg, out_dir=args.out, resume=args.resume,
+            overwrite=args.overwrite,
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError, FileExistsError,
+            data_mod.CorpusUnavailableError) as err:  # fmt: skip
         parser.error(str(err))
     try:
         if trainer.is_main:
@@ -162,7 +181,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"step {trainer.step} -> {train_cfg.steps}, run folder {trainer.out_dir}",
                 flush=True,
             )
-        trainer.fit(stop_at=args.stop_at)
+        try:
+            trainer.fit(stop_at=args.stop_at)
+        except (TrainingDiverged, DiskFullError) as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            return 1
         if trainer.is_main and trainer.history:
             last = trainer.history[-1]
             summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float))

@@ -106,13 +106,20 @@ def check_data(spec) -> None:
 
 
 # --------------------------------------------------------------------------------- the steps
-def check_arguments(cfg: TrainConfig, model, data, out_dir, resume) -> None:
+def check_arguments(cfg: TrainConfig, model, data, out_dir, resume, overwrite=False) -> None:
     """Fail fast on a bad ``Trainer(...)`` argument, before any work starts."""
     cfg.validate()
     if resume not in (True, False, "auto"):
         raise ValueError(f"resume must be True, False or 'auto', got {resume!r}")
     if resume and out_dir is None:
         raise ValueError("resume needs out_dir (the run folder holding checkpoint.pt)")
+    if overwrite not in (True, False):
+        raise ValueError(f"overwrite must be True or False, got {overwrite!r}")
+    if overwrite and resume is True:
+        raise ValueError(
+            "resume=True (--resume) continues the run and overwrite=True (--overwrite) deletes "
+            "it: choose one"
+        )
     if not (is_model_config(model) or isinstance(model, nn.Module)):
         raise TypeError(f"model must be a TitansConfig or an nn.Module, got {type(model).__name__}")
     check_data(data)
@@ -134,15 +141,33 @@ def device_and_precision(
     return device, precision
 
 
-def run_folder(out_dir, resume: bool | str) -> tuple[Path | None, bool]:
-    """The run folder (None: nothing is written) and whether the run resumes from it."""
+def run_folder(
+    out_dir, resume: bool | str, overwrite: bool = False, is_main: bool = True
+) -> tuple[Path | None, bool]:
+    """The run folder (None: nothing is written) and whether the run resumes from it.
+
+    A new run refuses (``FileExistsError``) a folder that holds an earlier run's checkpoint or
+    metrics unless ``overwrite``, which deletes them (rank 0). Rank 0 also removes the
+    temporary files that a process killed mid-write left behind."""
     if out_dir is None:
         return None, False
     path = run_io.check_out_dir(out_dir)
     ckpt_path = path / run_io.CHECKPOINT
     if resume is True and not ckpt_path.is_file():
         raise FileNotFoundError(f"cannot resume: no {run_io.CHECKPOINT} in {path}")
-    return path, bool(resume) and ckpt_path.is_file()
+    resuming = bool(resume) and ckpt_path.is_file()
+    earlier = None if resuming else run_io.existing_run(path)
+    if earlier is not None and not overwrite:
+        raise FileExistsError(
+            f"run folder {path} already holds a run ({earlier}): continue it with --resume "
+            "(Trainer(..., resume=True)), start over with --overwrite (overwrite=True; deletes "
+            "that run's files), or choose another folder"
+        )
+    if is_main:
+        if earlier is not None:
+            run_io.clear_run_folder(path)
+        run_io.remove_stale_temporaries(path)
+    return path, resuming
 
 
 def make_tokenizer(

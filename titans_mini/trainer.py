@@ -40,9 +40,14 @@ from titans_mini import tasks as tasks_mod
 from titans_mini import train_setup as setup
 from titans_mini.train_config import TrainConfig
 
-__all__ = ["Trainer", "TrainConfig", "OOM_CHECKPOINT_CHUNKS"]
+__all__ = ["Trainer", "TrainConfig", "TrainingDiverged", "OOM_CHECKPOINT_CHUNKS"]
 
 OOM_CHECKPOINT_CHUNKS = 8  # chunk-checkpointing group switched on after an out-of-memory error
+
+
+class TrainingDiverged(FloatingPointError):
+    """A training step produced a NaN or infinite loss or gradient: the run stopped before that
+    step changed the model, and the last checkpoint was left as it was."""
 
 
 class Trainer:
@@ -58,8 +63,19 @@ class Trainer:
         config: a ``TrainConfig`` (keyword overrides below win).
         out_dir: run folder (None: keep everything in memory; nothing is written).
         resume: ``True`` continues from ``out_dir/checkpoint.pt`` (``FileNotFoundError`` if
-            there is none); ``"auto"`` resumes when a checkpoint exists; ``False`` starts over.
+            there is none); ``"auto"`` resumes when a checkpoint exists; ``False`` starts a new
+            run. Only the settings in ``run_io.SAFE_ON_RESUME`` (learning rate, steps,
+            clipping, logging, evaluation, checkpoints, device) may change on resume: they are
+            applied and recorded in ``config.json`` under ``"resumes"``; any other difference
+            (batch size, sequence length, data, seed, ...) is refused with the list.
+        overwrite: a new run (not resuming) in an ``out_dir`` that holds an earlier run's
+            checkpoint or metrics raises ``FileExistsError`` unless ``overwrite=True``, which
+            deletes that run's files first.
         **overrides: fields of ``TrainConfig``.
+
+    A step whose loss or gradient is NaN or infinite stops the run with ``TrainingDiverged``
+    (naming the step, the loss and what to lower) before it changes the model: the checkpoint
+    on disk stays the last good one, and ``metrics.jsonl`` stays strict JSON.
     """
 
     def __init__(
@@ -70,17 +86,18 @@ class Trainer:
         out_dir: str | os.PathLike | None = None,
         *,
         resume: bool | str = False,
+        overwrite: bool = False,
         **overrides,
     ):
         self.cfg = cfg = dataclasses.replace(config or TrainConfig(), **overrides)
-        setup.check_arguments(cfg, model, data, out_dir, resume)
+        setup.check_arguments(cfg, model, data, out_dir, resume, overwrite)
         # the set-up steps, in order (each is a function of titans_mini.train_setup)
         self.rank, self.local_rank, self.world_size = setup.world()
         self.is_main = self.rank == 0
         self.device, self.precision = setup.device_and_precision(
             cfg, self.local_rank, self.world_size
         )
-        self.out_dir, resuming = setup.run_folder(out_dir, resume)
+        self.out_dir, resuming = setup.run_folder(out_dir, resume, overwrite, self.is_main)
         self.text, self.task = setup.load_data(
             data, model, cfg, rank=self.rank, out_dir=self.out_dir, resuming=resuming,
             is_main=self.is_main,
@@ -101,7 +118,7 @@ class Trainer:
         self.history: list[dict] = []
         self.sample_text: str | None = None
         if resuming:
-            self._restore(self.out_dir / run_io.CHECKPOINT)
+            self._restore(self.out_dir / run_io.CHECKPOINT, data)
         elif self.out_dir is not None and self.is_main:
             run_io.start_run_folder(self.out_dir, run_io.run_info(self, data))
 
@@ -128,6 +145,7 @@ class Trainer:
         """
         if self.out_dir is None:
             return None
+        _check_finite_weights(self.raw_model, self.step)
         if not self.is_main:
             if self.state is not None:
                 run_io.save_carried_state(self.out_dir, self.rank, self.step, self.state)
@@ -136,21 +154,34 @@ class Trainer:
         run_io.save_checkpoint(self.state_dict(), path)
         return path
 
-    def _restore(self, path: Path) -> None:
-        """Continue from the checkpoint at ``path`` (and drop the metrics logged after it)."""
+    def _restore(self, path: Path, data) -> None:
+        """Continue from the checkpoint at ``path`` (and drop the metrics logged after it); apply
+        and record the settings that changed (only those of ``run_io.SAFE_ON_RESUME`` pass)."""
         ckpt = run_io.load_for_resume(
-            path, self.model_config, self.cfg.steps, self.device, warn=self.is_main
+            path, self.model_config, self.cfg, self.device, data=data, warn=self.is_main
         )
         self.raw_model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # empty when saved without a gradient scaler (fp32, bf16)
+            self.scaler.load_state_dict(ckpt["scaler"])
         run_io.set_rng_state(ckpt["rng"])
         self.step = int(ckpt["step"])
+        changed = run_io.settings_changed(ckpt["train_config"], self.cfg)
+        if "lr" in changed or "steps" in changed:
+            # the restored scheduler holds the old peak: the schedule continues from this step
+            # with the new peak learning rate and length
+            sched = self.scheduler
+            sched.base_lrs = [self.cfg.lr for _ in self.optimizer.param_groups]
+            for group, lam in zip(self.optimizer.param_groups, sched.lr_lambdas):
+                group["lr"] = self.cfg.lr * lam(sched.last_epoch)
+            sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
         if self.is_main:
             self.state = ckpt.get("carried_state")
             # the metrics logged after the checkpoint will be produced again
             self.history = run_io.truncate_metrics(self.out_dir / run_io.METRICS, self.step)
+            if changed:
+                run_io.record_resume(self.out_dir, self.step, asdict(self.cfg), changed)
         else:
             self.state = run_io.load_carried_state(self.out_dir, self.rank, self.step, self.device)
 
@@ -202,9 +233,14 @@ class Trainer:
             if isinstance(outcome, Exception):
                 raise outcome
             return self.train_step()  # the same step: batches depend only on the step number
-        if cfg.grad_clip > 0:
+        if cfg.grad_clip > 0 or not self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
+            # the norm of all gradients (clipped to grad_clip; not clipped when it is 0)
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
+        else:
+            grad_norm = None  # fp16 without clipping: the gradient scaler skips inf/NaN steps
+        self._stop_if_diverged(loss, grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -212,6 +248,36 @@ class Trainer:
         self.state = _detach(new_state) if (cfg.segments > 1 and self.task is None) else None
         self.step += 1
         return loss.item()
+
+    def _stop_if_diverged(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+        """``TrainingDiverged`` if the loss or the gradient norm is NaN or infinite (one
+        host-device sync, which ``loss.item()`` would cost anyway), before the optimiser step.
+
+        Under fp16 the gradient scaler expects an infinite gradient now and then (it skips that
+        step and lowers its scale), so only the loss is checked there."""
+        values = loss.detach().float().reshape(1)
+        if grad_norm is not None and not self.scaler.is_enabled():
+            values = torch.cat([values, grad_norm.detach().float().reshape(1).to(values.device)])
+        if bool(torch.isfinite(values).all()):
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        step, lr = self.step + 1, self.scheduler.get_last_lr()[0]
+        grad = "" if grad_norm is None else f", gradient norm {grad_norm.item():.4g}"
+        ckpt = None if self.out_dir is None else self.out_dir / run_io.CHECKPOINT
+        kept = (
+            f"The last checkpoint ({ckpt}) is left as it was. "
+            if ckpt is not None and ckpt.is_file() else ""
+        )  # fmt: skip
+        tips = f"lower the learning rate (now {self.cfg.lr:g}, e.g. --lr {self.cfg.lr / 10:g})"
+        if self.cfg.grad_clip <= 0:
+            tips += ", turn gradient clipping on (grad_clip=1.0)"
+        if setup.memory_layers(self.raw_model):
+            tips += ", or a smaller memory step size (--set theta_max=...)"
+        raise TrainingDiverged(
+            f"training diverged at step {step}: loss {loss.item():.4g}{grad}, learning rate "
+            f"{lr:.4g}. The run stopped before this step changed the model. {kept}To go on, "
+            f"{tips}; then resume (--resume) from the checkpoint or start over (--overwrite)."
+        )
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -311,6 +377,7 @@ class Trainer:
     def _log(self, row: dict) -> None:
         if not self.is_main:
             return
+        row = run_io.strict_json_row(row)  # NaN / inf -> None, as in metrics.jsonl
         self.history.append(row)
         if self.out_dir is not None:
             run_io.append_metrics(self.out_dir / run_io.METRICS, row)
@@ -361,6 +428,16 @@ def _recover_from_out_of_memory(trainer: Trainer, err: Exception, shape) -> bool
 # ============================================================================================
 # Helpers of the step and the evaluation
 # ============================================================================================
+
+
+def _check_finite_weights(model: nn.Module, step: int) -> None:
+    """``TrainingDiverged`` instead of a checkpoint of NaN or infinite weights (one sync)."""
+    params = [p.detach().float().sum() for p in model.parameters()]
+    if params and not bool(torch.isfinite(torch.stack(params).sum())):
+        raise TrainingDiverged(
+            f"the model's weights hold NaN or infinite values at step {step}: not saved, the "
+            "last checkpoint is left as it was. Lower the learning rate and resume from it."
+        )
 
 
 def _detach(obj):
