@@ -726,3 +726,29 @@ def test_state_update_gradients_survive_torch_compile_tracing(backend):
     torch.testing.assert_close(S_c, S_e)
     for name, a, b in zip("W S A B E P Q X".split(), g_c, g_e):
         torch.testing.assert_close(a, b, msg=lambda m, name=name: f"∂{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_input_dtype_other_than_the_weights_says_what_to_do(dtype):
+    mem = NeuralMemory(8, heads=2, chunk_size=4)  # fp32 weights
+    with pytest.raises(ValueError, match=rf"x is {dtype} but the layer's weights are torch.float32"):
+        mem(torch.randn(2, 6, 8, dtype=dtype))
+    with pytest.raises(ValueError, match="torch.autocast"):
+        mem.gates(torch.randn(2, 6, 8, dtype=dtype))
+    if dtype is torch.bfloat16:  # under autocast low-precision inputs are expected
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, _ = mem(torch.randn(2, 6, 8, dtype=dtype))
+        assert y.shape == (2, 6, 8)
+
+
+@pytest.mark.parametrize("chunk_gates", [False, True])
+def test_zero_length_call_is_a_no_op(chunk_gates):
+    """T = 0 (e.g. an empty piece of a stream) returns an empty output and the state as it was,
+    with every option (per-chunk gates used to fail in pooling)."""
+    mem = make(heads=2, chunk_size=4, chunk_gates=chunk_gates)
+    with torch.no_grad():
+        _, state = mem(rand_x(T=6))
+        y, after, stats = mem(rand_x(T=0), state, return_stats=True)
+        theta, eta, alpha = mem.gates(rand_x(T=0))
+    assert y.shape == (2, 0, 8) and stats.surprise.shape == (2, 2, 0) and theta.shape[2] == 0
+    assert_states_close(after, state, rtol=0, atol=0)

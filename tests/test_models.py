@@ -333,3 +333,19 @@ def test_generate_checks_the_prompt_once():
     model._check_tokens = lambda t: calls.append(1) or check(t)
     out = model.generate(torch.tensor([[1, 2, 3]]), 5, generator=torch.Generator().manual_seed(0))
     assert out.shape == (1, 8) and len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(max_new_tokens=-3), "max_new_tokens must be an integer >= 0"),
+        (dict(max_new_tokens=2.5), "max_new_tokens must be an integer >= 0"),
+        (dict(max_new_tokens=3, temperature=float("nan")), "temperature must be a finite number"),
+        (dict(max_new_tokens=3, temperature=float("inf")), "temperature must be a finite number"),
+        (dict(max_new_tokens=3, temperature=-1.0), "temperature must be a finite number >= 0"),
+    ],
+)
+def test_generate_refuses_bad_settings(kwargs, match):
+    model = TitansLM(TitansConfig.preset("tiny", variant="mag"))
+    with pytest.raises(ValueError, match=match):
+        model.generate(torch.zeros(1, 4, dtype=torch.long), **kwargs)

@@ -147,7 +147,7 @@ def pool_over_chunks(logits: Tensor, chunk_size: int) -> Tensor:
     if N > full:
         rest = logits[..., full:, :]
         parts.append(rest.mean(-2, keepdim=True).expand_as(rest))
-    return torch.cat(parts, -2)
+    return torch.cat(parts, -2) if parts else logits  # N = 0: nothing to pool
 
 
 def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -560,8 +561,12 @@ class TitansLM(nn.Module):
         (attention KV caches; the memory buffers the token and writes once per completed chunk).
         ``temperature=0`` is greedy decoding; ``top_k`` keeps the k most likely tokens.
         """
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0 (how many tokens to add), "
+                             f"got {max_new_tokens!r}")
+        if not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy, 1 = the "
+                             f"model's own distribution), got {temperature}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
         squeeze = isinstance(prompt, Tensor) and prompt.ndim == 1
