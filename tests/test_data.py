@@ -7,6 +7,7 @@ import json
 import math
 import sys
 import types
+import warnings
 from importlib import resources
 
 import numpy as np
@@ -231,3 +232,21 @@ def test_bits_per_byte():
     assert data.bits_per_byte(math.log(2) * 100, 100) == pytest.approx(1.0)
     with pytest.raises(ValueError):
         data.bits_per_byte(1.0, 0)
+
+
+def test_data_file_that_is_not_utf8_warns_with_the_fraction(tmp_path):
+    binary = tmp_path / "noise.txt"
+    binary.write_bytes(np.random.default_rng(0).integers(0, 256, 20_000, dtype=np.uint8).tobytes())
+    with pytest.warns(UserWarning, match=r"noise.txt: [0-9.]+% of its .* not valid UTF-8.*"
+                                         r"looks like a binary file"):
+        load_corpus(binary)
+    latin1 = tmp_path / "old.txt"
+    latin1.write_bytes(("Le caf\xe9 est chaud, la soupe est froide. " * 100).encode("latin-1"))
+    with pytest.warns(UserWarning, match=r"old.txt: 2\.5% of its 4,000 characters .* save it as"):
+        load_corpus(latin1)
+    clean = tmp_path / "clean.txt"  # valid UTF-8, even with its own U+FFFD: no warning
+    clean.write_text("Caf\u00e9 \ufffd r\u00e9sum\u00e9.\r\n" * 100, encoding="utf-8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        corpus = load_corpus(clean)
+    assert "\r" not in corpus.train[0].text  # newlines as before (universal newlines)

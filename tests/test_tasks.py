@@ -277,3 +277,28 @@ def test_linear_delta_rule_surprise_spikes_at_events():
     rand = torch.rand(600, generator=torch.Generator().manual_seed(1))
     hit = tasks.event_detection(surprise, s, tolerance=2)["recall"]
     assert hit > 0.5 and hit > tasks.event_detection(rand, s, tolerance=2)["recall"] + 0.2
+
+
+def test_sniah_min_length_fits_every_row():
+    """The length check covers the longest key of all: a length one shorter fails for some row,
+    the minimum itself for none (many seeds)."""
+    need = tasks.sniah_lite_min_length()
+    for seed in range(200):
+        tasks.sniah_lite(8, need, 0.5, seed=seed)
+    with pytest.raises(ValueError, match="too short"):
+        for seed in range(2000):
+            tasks.sniah_lite(8, need - 1, 0.5, seed=seed)
+
+
+def test_sniah_training_stream_checks_every_row_before_training():
+    """122 tokens fit the first row of seed 0 but not every row: refused when the stream is
+    built (before training starts), not at some later step."""
+    from titans_mini.task_stream import TaskData
+
+    need = tasks.sniah_lite_min_length()
+    assert need > 122
+    with pytest.raises(ValueError, match=rf"seq_len 122 is too short .* use --seq-len {need}"):
+        TaskData("sniah_lite", 256, 122, 8)
+    stream = TaskData("sniah_lite", 256, need, 8)
+    for step in range(50):
+        stream.batch(step)

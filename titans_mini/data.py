@@ -30,6 +30,7 @@ import json
 import math
 import os
 import socket
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -315,16 +316,43 @@ def _split_single_text(name: str, text: str, val_fraction: float) -> tuple[list,
 _TEXT_SUFFIXES = (".txt", ".md", ".text")
 
 
+def _read_text(path: Path) -> str:
+    """A local text file as UTF-8 (bytes that are not UTF-8 become U+FFFD, newlines become
+    ``\\n``), with a warning that gives the fraction of replaced characters when there are any,
+    and says when the file looks binary (NUL bytes, or more than 10 % replaced)."""
+    raw = path.read_bytes()
+    text = raw.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+    replaced = text.count("\ufffd") - raw.count("\ufffd".encode())  # not the file's own U+FFFD
+    nul = raw.count(b"\0")
+    if replaced > 0 or nul:
+        fraction = replaced / max(len(text), 1)
+        what = (
+            f"{fraction:.1%} of its {len(text):,} characters are not valid UTF-8 (replaced by "
+            "U+FFFD)"
+        )
+        if nul:
+            what += f" and it holds {nul:,} NUL bytes"
+        if nul or fraction > 0.1:
+            advice = "it looks like a binary file, not text: train on a UTF-8 text file"
+        else:
+            advice = (
+                "if it is text in another encoding, save it as UTF-8 "
+                "(e.g. iconv -f latin1 -t utf-8)"
+            )
+        warnings.warn(f"data file {path}: {what}; {advice}", UserWarning, stacklevel=4)
+    return text
+
+
 def _load_local(path: Path, val_fraction: float, seed: int) -> Corpus:
     if path.is_file():
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = _read_text(path)
         if not text.strip():
             raise ValueError(f"{path} is empty")
         train, val = _split_single_text(path.name, text, val_fraction)
         return Corpus(path.name, train, val, f"{path} (last {val_fraction:.0%} = validation)")
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _TEXT_SUFFIXES)
     docs = [
-        Document(str(p.relative_to(path)), p.read_text(encoding="utf-8", errors="replace"))
+        Document(str(p.relative_to(path)), _read_text(p))
         for p in files
     ]
     docs = [d for d in docs if d.text.strip()]

@@ -356,9 +356,9 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"expected a floating-point x, got dtype {x.dtype}")
         weight = self.to_qkv.weight.dtype  # metadata only: no host-device sync
         if x.dtype != weight and not torch.is_autocast_enabled(x.device.type):
-            raise ValueError(f"x is {x.dtype} but the layer's weights are {weight}: convert x "
-                             f"(x.to({weight})) or the layer (mem.to({x.dtype})), or run it "
-                             "under torch.autocast for mixed precision")
+            raise ValueError(f"x is {x.dtype} but the layer's weights are {weight}: convert "
+                             f"x (x.to({weight})) or the layer (mem.to({x.dtype})), or run "
+                             "it under torch.autocast for mixed precision")
 
     def _split_heads(self, t: Tensor) -> Tensor:
         B, T, _ = t.shape

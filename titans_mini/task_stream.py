@@ -78,6 +78,16 @@ class TaskData:
                 length=seq_len, num_tokens=max(1, seq_len // 8), vocab_size=min(16, vocab_size)
             )
         self.kwargs.update(task_kwargs)
+        if self.name == "sniah_lite":  # every row, not only the first: keys differ in length
+            need = tasks_mod.sniah_lite_min_length(
+                self.kwargs.get("num_digits", 7), self.kwargs.get("tokenizer")
+            )
+            if self.kwargs.get("length", seq_len) < need:
+                raise ValueError(
+                    f"sniah_lite: seq_len {self.kwargs.get('length', seq_len)} is too short for "
+                    f"some rows (the longest needle, question and answer need {need} tokens): "
+                    f"use --seq-len {need} or more"
+                )
         self._make(0, 1)  # fail now, with the task's own message, if the sizes do not fit
 
     def _make(self, seed: int, batch_size: int) -> tasks_mod.TaskBatch:

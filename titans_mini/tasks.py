@@ -38,6 +38,7 @@ __all__ = [
     "mqar",
     "mqar_gap_distribution",
     "sniah_lite",
+    "sniah_lite_min_length",
     "selective_copy",
     "surprise_stream",
     "token_accuracy",
@@ -420,6 +421,25 @@ def sniah_lite(
         "answers": answers,
     }
     return _finish(inputs, targets, "sniah_lite", info, metric=exact_match)
+
+
+def sniah_lite_min_length(num_digits: int = 7, tokenizer=None) -> int:
+    """The shortest ``length`` that fits :func:`sniah_lite`'s needle, question and answer in
+    *every* row, whichever key and number a row draws (the longest adjective-noun key).
+
+    Exact for the default byte tokenizer; with another ``tokenizer`` the number is measured as
+    ``num_digits`` nines. Check it once before training: ``sniah_lite`` checks only the rows it
+    draws."""
+    tok = tokenizer if tokenizer is not None else _ByteCodec()
+    number = "9" * num_digits
+    need = 0
+    for adjective in _ADJECTIVES:
+        for noun in _NOUNS:
+            key = f"{adjective}-{noun}"
+            needle = tok.encode(" " + NEEDLE.format(key=key, value=number) + " ")
+            question = tok.encode(QUESTION.format(key=key))
+            need = max(need, len(needle) + len(question) + len(tok.encode(number)) - 1)
+    return need
 
 
 # --------------------------------------------------------------------------------------------
