@@ -235,9 +235,8 @@ def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict:
             ckpt = torch.load(path, map_location=map_location, weights_only=False)
         except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile,
                 ValueError, TypeError, AttributeError, ImportError) as err:  # fmt: skip
-            why = f"it is truncated or not a checkpoint ({type(err).__name__}: " + (
-                str(err).splitlines()[0][:120] + ")" if str(err) else "no detail)"
-            )
+            detail = str(err).split(". ")[0].splitlines()[0] if str(err) else "no detail"
+            why = f"it is truncated or not a checkpoint ({type(err).__name__}: {detail})"
         else:
             if isinstance(ckpt, dict) and "step" in ckpt:
                 return ckpt

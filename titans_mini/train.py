@@ -163,15 +163,18 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m titans_mini.train`` and ``titans-train``."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    errors = (ValueError, FileNotFoundError, FileExistsError, data_mod.CorpusUnavailableError)
     try:
         model_cfg, train_cfg = configs_from_args(args)
+    except errors as err:
+        parser.error(str(err))  # the usage, then the error
+    try:
         trainer = Trainer(
             model_cfg, data=args.data, config=train_cfg, out_dir=args.out, resume=args.resume,
             overwrite=args.overwrite,
         )  # fmt: skip
-    except (ValueError, FileNotFoundError, FileExistsError,
-            data_mod.CorpusUnavailableError) as err:  # fmt: skip
-        parser.error(str(err))
+    except errors as err:  # the run folder, its checkpoint, the data: the error alone
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     try:
         if trainer.is_main:
             n = sum(p.numel() for p in trainer.raw_model.parameters())

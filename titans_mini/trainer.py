@@ -273,10 +273,11 @@ class Trainer:
             tips += ", turn gradient clipping on (grad_clip=1.0)"
         if setup.memory_layers(self.raw_model):
             tips += ", or a smaller memory step size (--set theta_max=...)"
+        then = "resume from it (--resume) or start over" if kept else "start over"
         raise TrainingDiverged(
             f"training diverged at step {step}: loss {loss.item():.4g}{grad}, learning rate "
             f"{lr:.4g}. The run stopped before this step changed the model. {kept}To go on, "
-            f"{tips}; then resume (--resume) from the checkpoint or start over (--overwrite)."
+            f"{tips}; then {then} (--overwrite)."
         )
 
     # ------------------------------------------------------------------ evaluation
