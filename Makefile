@@ -16,13 +16,19 @@ VENV := .venv
 endif
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.titans-mini-setup
-# torch for machines without a CUDA GPU: a CPU build. On the course's CI machines this pinned
-# version is a local CPU wheel; elsewhere point TORCH_INDEX at https://download.pytorch.org/whl/cpu.
+# torch for machines without a CUDA GPU: a CPU build. On Linux without a GPU the set-up tries
+# PyTorch's CPU wheel index (CPU_INDEX) and falls back to the package index when that is not
+# reachable (on the course's CI machines the pinned version is a local CPU wheel). TORCH_INDEX
+# forces an index.
 TORCH_CPU_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
+CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_WORKERS ?= 2
+# JupyterLab refuses to start as root (containers, some cloud machines) without this flag
+ROOT_FLAG := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root)
 
-.PHONY: help setup lab test lint pytest exercises render grade bench test-widgets77 test-browser clean
+.PHONY: help setup lab test lint pytest exercises render grade bench test-widgets77 test-browser \
+	clean clean-env check-python
 
 help:
 	@echo "make lab        set up (venv, torch, package, kernel) and open JupyterLab on notebooks/"
@@ -31,19 +37,54 @@ help:
 	@echo "make render     run every lesson at full size and store it with its outputs (slow)"
 	@echo "make grade      grade your exercises/ notebooks with the checks"
 	@echo "make bench      run the benchmark scripts in bench/"
+	@echo "make clean-env  delete ./.venv (a broken or half-made environment); make lab rebuilds it"
 
-$(PY):
+# Python >= 3.10, checked before anything is created or installed.
+check-python:
+	@$(PYTHON) -c "import sys; sys.exit(sys.version_info < (3, 10))" 2>/dev/null || { \
+		found=$$($(PYTHON) --version 2>&1) || found="not found"; \
+		echo "titans_mini needs Python >= 3.10; '$(PYTHON)' is $$found. Install Python" \
+			"3.10-3.13 and name it, e.g.: make lab PYTHON=python3.12"; \
+		exit 1; }
+
+$(PY): | check-python
 	$(PYTHON) -m venv $(VENV)
 
 # Idempotent: re-runs only when pyproject.toml changes (or the stamp is missing).
 $(STAMP): pyproject.toml | $(PY)
+	@$(PY) -c "import sys; sys.exit(sys.version_info < (3, 10))" 2>/dev/null && \
+		$(PY) -m pip --version >/dev/null 2>&1 || { \
+		echo "the environment $(VENV) is broken or half-made (its python or pip does not run, or"; \
+		echo "it is older than Python 3.10)."; \
+		if [ "$(VENV)" = .venv ]; then echo "Run: make clean-env && make lab"; \
+		else echo "Repair or leave that environment (deactivate), then run make lab again"; fi; \
+		exit 1; }
 	@if $(PY) -c "import torch" 2>/dev/null; then \
 		echo "torch $$($(PY) -c 'import torch; print(torch.__version__)') already installed"; \
 	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-		echo "CUDA GPU found: installing torch with CUDA"; $(PY) -m pip install "torch>=2.4"; \
+		echo "CUDA GPU found: installing torch with CUDA (a download of several GB)"; \
+		$(PY) -m pip install "torch>=2.4"; \
+	elif [ -n "$(TORCH_INDEX)" ]; then \
+		echo "no CUDA GPU: installing $(TORCH_CPU_SPEC) from $(TORCH_INDEX)"; \
+		$(PY) -m pip install "$(TORCH_CPU_SPEC)" --index-url $(TORCH_INDEX); \
+	elif [ "$$(uname -s)" = Linux ] && $(PY) -c "import urllib.request as u; \
+			u.urlopen('$(CPU_INDEX)/torch/', timeout=10)" >/dev/null 2>&1; then \
+		echo "no CUDA GPU: installing the CPU build of torch from $(CPU_INDEX)" \
+			"(about 200 MB, instead of several GB of CUDA libraries from PyPI)"; \
+		$(PY) -m pip install "$(TORCH_CPU_SPEC)" --index-url $(CPU_INDEX) \
+			--extra-index-url https://pypi.org/simple || { \
+		echo "the CPU index failed: installing $(TORCH_CPU_SPEC) from the package index"; \
+		$(PY) -m pip install "$(TORCH_CPU_SPEC)"; }; \
 	else \
-		echo "no CUDA GPU: installing the CPU build ($(TORCH_CPU_SPEC))"; \
-		$(PY) -m pip install "$(TORCH_CPU_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); \
+		if [ "$$(uname -s)" = Linux ]; then \
+			echo "no CUDA GPU, and $(CPU_INDEX) is not reachable:" \
+				"installing $(TORCH_CPU_SPEC) from the package index (on Linux that may be" \
+				"the CUDA build, several GB; a local CPU wheel is used when pip has one)"; \
+		else \
+			echo "no CUDA GPU: installing $(TORCH_CPU_SPEC) from the package index" \
+				"(the CPU build on macOS and Windows, about 100-250 MB)"; \
+		fi; \
+		$(PY) -m pip install "$(TORCH_CPU_SPEC)"; \
 	fi
 	$(PY) -m pip install -q -e ".[course,dev]"
 	$(PY) -m ipykernel install --sys-prefix --name titans-mini --display-name "Python (titans-mini)" >/dev/null
@@ -53,7 +94,8 @@ $(STAMP): pyproject.toml | $(PY)
 setup: $(STAMP)
 
 lab: setup
-	$(VENV)/bin/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks $(LAB_ARGS)
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks \
+		$(ROOT_FLAG) $(LAB_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -100,3 +142,7 @@ test-browser: setup
 
 clean:
 	rm -rf .pytest_cache .ruff_cache build *.egg-info
+
+# only ./.venv: an environment you activated yourself is never deleted
+clean-env:
+	rm -rf .venv

@@ -30,7 +30,11 @@ CONDA_TO_PYPI = {"pytorch": "torch"}
 
 def test_environment_yml_agrees_with_pyproject(root):
     pyproject = tomllib.loads((root / "pyproject.toml").read_text())
-    runtime = dict(_split_req(r) for r in pyproject["project"]["dependencies"])
+    extras = pyproject["project"]["optional-dependencies"]
+    # the runtime packages and the course's own (extras course + dev), all from conda-forge;
+    # a requirement with an environment marker (tomli on Python < 3.11) stays with pip
+    wanted = [*pyproject["project"]["dependencies"], *extras["course"], *extras["dev"]]
+    runtime = dict(_split_req(r) for r in wanted if ";" not in r)
     env = yaml.safe_load((root / "environment.yml").read_text())
     conda = {}
     pip_lines = []
@@ -141,3 +145,44 @@ def test_env_check_reports_failures(monkeypatch):
     assert len(bad) == 1 and "nbmake" in bad[0][1] and "pip install" in bad[0][2]
     assert env_check._version_tuple("2.13.0+cpu") == (2, 13, 0)
     assert env_check._version_tuple("8.1.9") > env_check._version_tuple("7.7.1")
+
+
+def test_env_check_on_a_colab_cpu_runtime_reports_no_false_failures(monkeypatch):
+    """Colab without a GPU (no nvidia-smi) and without nbmake, a developer tool: no [FAIL]."""
+    import types
+
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    monkeypatch.setattr(env_check.shutil, "which", lambda name: None)
+    real_import = env_check.importlib.import_module
+
+    def no_nbmake(name, *a, **k):
+        if name == "nbmake":
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(env_check.importlib, "import_module", no_nbmake)
+    results = env_check.checks()
+    assert [what for ok, what, _ in results if not ok] == []
+    whats = [what for _, what, _ in results]
+    assert "nbmake (not needed on Colab)" in whats
+    assert any("no GPU on this Colab runtime" in w for w in whats)
+
+
+def test_env_check_prints_the_device_and_precision_it_chose():
+    results = env_check.checks()
+    chosen = device.pick_device()
+    line = f"device {chosen}, precision {device.pick_precision(chosen).name}"
+    assert any(ok and what.startswith(line) for ok, what, _ in results), results
+
+
+def test_env_check_runs_when_titans_mini_is_not_importable(root, tmp_path):
+    code = (
+        "import runpy, sys; sys.modules['titans_mini'] = None; "
+        f"runpy.run_path({str(root / 'titans_mini' / 'env_check.py')!r}, run_name='__main__')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    fail = [line for line in proc.stdout.splitlines() if line.startswith("[FAIL]")]
+    assert len(fail) == 1 and "titans_mini not importable" in fail[0]
+    assert "pip install -e '.[course,dev]'" in fail[0] and "set-up cell" in fail[0]

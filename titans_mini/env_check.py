@@ -27,10 +27,13 @@ def _version_tuple(v: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
+def _on_colab() -> bool:
+    return "google.colab" in sys.modules
+
+
 def _cuda_expected() -> bool:
-    """A CUDA GPU is expected on Colab and wherever nvidia-smi lists one."""
-    if "google.colab" in sys.modules:
-        return True
+    """A CUDA GPU is expected wherever nvidia-smi lists one (on Colab too: a CPU runtime has
+    none, and that is fine for lessons 00-10)."""
     if shutil.which("nvidia-smi") is None:
         return False
     try:
@@ -47,20 +50,25 @@ def checks() -> list[tuple[bool, str, str]]:
     results.append((
         py[:2] >= MIN_PYTHON,
         f"Python {py.major}.{py.minor}.{py.micro} (need >= {MIN_PYTHON[0]}.{MIN_PYTHON[1]})",
-        "install Python 3.10-3.13 and re-run `make lab`",
+        "install Python 3.10-3.13, then re-run `make lab` (or the README's route without make)",
     ))
     try:
         import torch
 
         ok = _version_tuple(torch.__version__) >= MIN_TORCH
         results.append((ok, f"torch {torch.__version__} (need >= {MIN_TORCH[0]}.{MIN_TORCH[1]})",
-                        "run `make lab` (installs the CPU build without a GPU); on Colab keep its torch"))
+                        "run `make lab` (installs the CPU build without a GPU), or pip install "
+                        "'torch>=2.4' (CPU only: add --index-url https://download.pytorch.org/whl/cpu); "
+                        "on Colab keep its torch"))
         if _cuda_expected():
             cuda = torch.cuda.is_available()
             what = f"CUDA available ({torch.cuda.get_device_name(0)})" if cuda else "CUDA available"
             results.append((cuda, what,
                             "a GPU is present but this torch cannot use it: install a CUDA build of "
                             "torch (pip install 'torch>=2.4'); on Colab choose Runtime > Change runtime type > GPU"))
+        elif _on_colab():
+            results.append((True, "no GPU on this Colab runtime (fine for lessons 00-10)",
+                            "for a GPU: Runtime > Change runtime type > GPU"))
     except ImportError:
         results.append((False, "torch", "run `make lab`, or `pip install torch` (CPU: torch==2.13.0)"))
     for module, need, advice in [
@@ -83,8 +91,8 @@ def checks() -> list[tuple[bool, str, str]]:
             bound = f" (need >= {'.'.join(map(str, need))})" if need else ""
             results.append((ok, f"{module} {version}{bound}", advice))
         except ImportError:
-            if module == "jupyterlab" and "google.colab" in sys.modules:
-                results.append((True, "jupyterlab (not needed on Colab)", advice))
+            if module in ("jupyterlab", "nbmake") and _on_colab():
+                results.append((True, f"{module} (not needed on Colab)", advice))
             else:
                 results.append((False, f"{module} not installed", advice))
     try:
@@ -92,8 +100,25 @@ def checks() -> list[tuple[bool, str, str]]:
 
         results.append((True, f"titans_mini {titans_mini.__version__}", ""))
     except ImportError:
-        results.append((False, "titans_mini not importable", "run `make lab` (pip install -e '.[course,dev]')"))
+        results.append((False, "titans_mini not importable",
+                        "run `make lab`, or pip install -e '.[course,dev]' in the repository folder; "
+                        "on Colab re-run the notebook's set-up cell"))
+    else:
+        results.append(_device_choice())
     return results
+
+
+def _device_choice() -> tuple[bool, str, str]:
+    """The device and precision the lessons and the trainer will use here."""
+    try:
+        from titans_mini import device as device_mod
+
+        dev = device_mod.pick_device()
+        precision = device_mod.pick_precision(dev)
+    except Exception as err:  # any failure here is the answer to report
+        return (False, f"device and precision ({type(err).__name__}: {err})",
+                "fix the failures above first (torch)")
+    return (True, f"device {dev}, precision {precision.name} (what the lessons and the trainer use)", "")
 
 
 def main() -> int:
