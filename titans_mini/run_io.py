@@ -6,15 +6,23 @@ keeps a run in one folder:
 * ``config.json`` (:func:`run_info`, :func:`start_run_folder`): the model and training configs
   and where the run ran;
 * ``metrics.jsonl`` (:func:`append_metrics`, :func:`read_metrics`, :func:`truncate_metrics`):
-  one JSON object per logged step;
+  one strict-JSON object per logged step (NaN/inf become ``null``, :func:`strict_json_row`); a
+  damaged last line left by a kill is dropped with a warning, a damaged earlier line is an error
+  that names the file and line;
 * ``checkpoint.pt`` (:func:`save_checkpoint`, :func:`load_checkpoint`): written to a temporary
   file, then renamed, so an interrupted write leaves the previous checkpoint intact; with it the
   RNG states (:func:`rng_state`, :func:`set_rng_state`) and, under torchrun, each other rank's
-  carried state (:func:`save_carried_state`, :func:`load_carried_state`);
+  carried state (:func:`save_carried_state`, :func:`load_carried_state`). A checkpoint that is
+  truncated, empty or not a checkpoint raises :class:`CheckpointError` (what to do included); a
+  disk too full to save raises :class:`DiskFullError` before writing (the previous checkpoint is
+  kept); temporaries left by a killed writer are removed (:func:`remove_stale_temporaries`);
 * ``sample.txt`` and the tokenizer (``titans_mini.data.save_tokenizer``).
 
-:func:`check_out_dir` proves a folder writable before any work starts, and
-:func:`load_for_resume` refuses to resume a checkpoint of another model.
+:func:`check_out_dir` proves a folder writable before any work starts; :func:`existing_run`
+finds a run already in a folder (a new run there is refused unless it resumes or overwrites it,
+:func:`clear_run_folder`); :func:`load_for_resume` refuses to resume a checkpoint of another model,
+and :func:`settings_changed` lists what differs from the saved settings: only the names in
+``SAFE_ON_RESUME`` may change, and :func:`record_resume` writes those changes into ``config.json``.
 """
 
 from __future__ import annotations

@@ -38,7 +38,13 @@ What it does, step by step:
   temporary file, then renamed: an interrupted write leaves the previous checkpoint intact) and
   ``sample.txt``.
 * **Resume**: restores model, optimiser, scheduler, gradient scaler, RNG states, the carried
-  state and the data position: a resumed run matches an uninterrupted one.
+  state and the data position: a resumed run matches an uninterrupted one. Only the settings in
+  ``titans_mini.run_io.SAFE_ON_RESUME`` may change on resume (recorded in ``config.json``); any
+  other difference is refused with the list. A folder that already holds a run needs
+  ``--resume`` or ``--overwrite``.
+* **Divergence**: a NaN or infinite loss or gradient stops the run before that step changes the
+  model (``titans_mini.trainer.TrainingDiverged``), with the step, the loss and what to lower;
+  the last checkpoint stays as it was.
 * **DDP**: under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in
   ``DistributedDataParallel`` (gloo on the CPU, NCCL on CUDA); each rank reads different rows;
   only rank 0 logs, checkpoints and samples.

@@ -8,6 +8,8 @@ show every step);
   optimiser step, the model's state carried across the segments of an excerpt and detached
   between steps), ``evaluate``, ``fit`` (the loop: log, evaluate, checkpoint, and a text sample
   at the end), ``save`` and resume, ``sample``;
+* ``TrainingDiverged``: raised when a step's loss or gradient is not finite, before the step
+  changes the model (the last checkpoint is left as it was);
 * the out-of-memory fallback (``_recover_from_out_of_memory``): a Titans variant that runs out
   of GPU memory recomputes its memory chunks in the backward (``checkpoint_chunks``) and repeats
   the step; anything else gets an error that says what to lower.
