@@ -86,10 +86,17 @@ def test_problems_detects_drift():
     assert ns.problems(no_title, rel)
 
 
-def test_setup_cell_installs_only_on_colab(monkeypatch):
+def _fake_pip(calls, returncode=0, stderr=""):
+    def run(*a, **k):
+        calls.append((a, k))
+        return types.SimpleNamespace(returncode=returncode, stderr=stderr)
+    return types.SimpleNamespace(run=run)
+
+
+def test_setup_cell_installs_only_on_colab(monkeypatch, capsys):
     calls = []
-    fake_subprocess = types.SimpleNamespace(run=lambda *a, **k: calls.append((a, k)))
-    monkeypatch.setitem(sys.modules, "subprocess", fake_subprocess)
+    monkeypatch.setitem(sys.modules, "subprocess", _fake_pip(calls))
+    monkeypatch.delenv(ns.SOURCE_SETTING, raising=False)
     monkeypatch.delitem(sys.modules, "google.colab", raising=False)
     exec(ns.SETUP_CELL, {})
     assert calls == [], "locally the set-up cell must do nothing"
@@ -101,6 +108,26 @@ def test_setup_cell_installs_only_on_colab(monkeypatch):
     assert "-e" not in cmd and "--editable" not in cmd, "editable installs do not import on Colab"
     assert any(arg.endswith(f"git+{ns.REPO_URL}@{ns.BRANCH}") for arg in cmd)
     assert not any(re.search(r"\b(torch|ipywidgets)\b", arg) for arg in cmd), "never reinstall torch/ipywidgets"
+    assert capsys.readouterr().out == "", "a successful install prints nothing"
+
+
+def test_setup_cell_failure_says_how_to_point_elsewhere(monkeypatch, capsys):
+    """A failed install prints one line naming the source, pip's reason and the setting to change."""
+    calls = []
+    err = "ERROR: Repository not found.\nfatal: could not read from remote repository"
+    monkeypatch.setitem(sys.modules, "subprocess", _fake_pip(calls, returncode=1, stderr=err))
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    monkeypatch.setenv(ns.SOURCE_SETTING, "git+https://github.com/someone/fork@dev")
+    exec(ns.SETUP_CELL, {})
+    assert calls[0][0][0][-1] == "git+https://github.com/someone/fork@dev", "the setting picks the source"
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1, out
+    assert "someone/fork@dev" in out[0] and "could not read from remote repository" in out[0]
+    assert ns.SOURCE_SETTING in out[0]
+
+
+def test_readme_documents_the_install_source_setting():
+    assert ns.SOURCE_SETTING in (_ROOT / "README.md").read_text()
 
 
 def test_repository_url_is_defined_once():

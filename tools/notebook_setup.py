@@ -27,17 +27,25 @@ REPO_URL = f"https://github.com/{GITHUB_REPO}"
 
 ROOT_DIRS = NOTEBOOK_DIRS = ("notebooks", "solutions", "exercises")
 
-SETUP_CELL = f'''# Set-up: on Google Colab, install titans_mini from GitHub; locally this cell does nothing.
+SOURCE_SETTING = "TITANS_MINI_SOURCE"
+DEFAULT_SOURCE = f"titans_mini @ git+{REPO_URL}@{BRANCH}"
+
+SETUP_CELL = f'''# Set-up: on Google Colab, install titans_mini; locally this cell does nothing.
 # (Colab's own torch and ipywidgets are kept: pip only adds what is missing.)
+# From a fork or a wheel instead: run  %env {SOURCE_SETTING}=<pip source>  first (see the README).
+import os
 import sys
 
 if "google.colab" in sys.modules:
     import subprocess
 
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "titans_mini @ git+{REPO_URL}@{BRANCH}"],
-        check=True,
-    )'''
+    source = os.environ.get("{SOURCE_SETTING}", "{DEFAULT_SOURCE}")
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", source], capture_output=True, text=True)
+    if pip.returncode != 0:
+        reason = (pip.stderr.strip().splitlines() or ["pip failed"])[-1]
+        print(f"Could not install titans_mini from {{source!r}} ({{reason}}). To use another repository or a "
+              "wheel, run  %env {SOURCE_SETTING}=git+https://github.com/<you>/titans_mini@<branch>  (or a wheel's "
+              "path or URL) and run this cell again.")'''
 
 _BADGE_RE = re.compile(r"\[!\[Open In Colab\]\([^)]*\)\]\([^)]*\)")
 
