@@ -131,7 +131,8 @@ def test_env_check_lines():
         assert any(line.startswith("[OK]") and what in line for line in lines), (what, lines)
 
 
-def test_env_check_reports_failures(monkeypatch):
+def _without_nbmake(monkeypatch):
+    """Make env_check see nbmake as not installed."""
     real_import = env_check.importlib.import_module
 
     def fake_import(name, *a, **k):
@@ -140,6 +141,10 @@ def test_env_check_reports_failures(monkeypatch):
         return real_import(name, *a, **k)
 
     monkeypatch.setattr(env_check.importlib, "import_module", fake_import)
+
+
+def test_env_check_reports_failures(monkeypatch):
+    _without_nbmake(monkeypatch)
     results = env_check.checks()
     bad = [r for r in results if not r[0]]
     assert len(bad) == 1 and "nbmake" in bad[0][1] and "pip install" in bad[0][2]
@@ -153,14 +158,7 @@ def test_env_check_on_a_colab_cpu_runtime_reports_no_false_failures(monkeypatch)
 
     monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
     monkeypatch.setattr(env_check.shutil, "which", lambda name: None)
-    real_import = env_check.importlib.import_module
-
-    def no_nbmake(name, *a, **k):
-        if name == "nbmake":
-            raise ImportError(name)
-        return real_import(name, *a, **k)
-
-    monkeypatch.setattr(env_check.importlib, "import_module", no_nbmake)
+    _without_nbmake(monkeypatch)
     results = env_check.checks()
     assert [what for ok, what, _ in results if not ok] == []
     whats = [what for _, what, _ in results]
