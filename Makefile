@@ -70,7 +70,7 @@ $(STAMP): pyproject.toml | $(PY)
 	elif [ "$$(uname -s)" = Linux ] && $(PY) -c "import urllib.request as u; \
 			u.urlopen('$(CPU_INDEX)/torch/', timeout=10)" >/dev/null 2>&1; then \
 		echo "no CUDA GPU: installing the CPU build of torch from $(CPU_INDEX)" \
-			"(about 200 MB, instead of several GB of CUDA libraries from PyPI)"; \
+			"(the Linux CPU wheel of torch 2.13 is 192 MB, instead of several GB of CUDA libraries)"; \
 		$(PY) -m pip install "$(TORCH_CPU_SPEC)" --index-url $(CPU_INDEX) \
 			--extra-index-url https://pypi.org/simple || { \
 		echo "the CPU index failed: installing $(TORCH_CPU_SPEC) from the package index"; \
@@ -82,7 +82,7 @@ $(STAMP): pyproject.toml | $(PY)
 				"the CUDA build, several GB; a local CPU wheel is used when pip has one)"; \
 		else \
 			echo "no CUDA GPU: installing $(TORCH_CPU_SPEC) from the package index" \
-				"(the CPU build on macOS and Windows, about 100-250 MB)"; \
+				"(on macOS and Windows that is the CPU build)"; \
 		fi; \
 		$(PY) -m pip install "$(TORCH_CPU_SPEC)"; \
 	fi
