@@ -349,3 +349,65 @@ def test_generate_refuses_bad_settings(kwargs, match):
     model = TitansLM(TitansConfig.preset("tiny", variant="mag"))
     with pytest.raises(ValueError, match=match):
         model.generate(torch.zeros(1, 4, dtype=torch.long), **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# the writes-off ablation (memory_writes_off)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", MEMORY_VARIANTS)
+def test_memory_writes_off_removes_the_long_range_path(variant):
+    """With writes off, a token no longer reaches positions beyond the local receptive field
+    (attention window / segment + conv, per layer); with writes on it does (through the memory).
+    On leaving the block the writes are back and the model computes what it did before."""
+    from titans_mini.models import memory_writes_off
+
+    model = make(variant)
+    cfg = model.cfg
+    x = tokens(length=64)
+    x2 = x.clone()
+    x2[:, 0] = (x[:, 0] + 1) % 256  # change only the first token
+    reach = cfg.n_layers * (max(cfg.window, cfg.segment_len) + 4)  # 4 = the memory's conv kernel
+    assert reach < 64
+    with torch.no_grad():
+        on, _ = model(x)
+        far_on = (model(x2)[0] - on)[:, reach:].abs().max().item()
+        with memory_writes_off(model) as m:
+            assert m is model
+            off, _ = model(x)
+            far_off = (model(x2)[0] - off)[:, reach:].abs().max().item()
+        again, _ = model(x)
+    assert far_off < 1e-10, f"{variant}: with writes off, token 0 still moves position >= {reach}"
+    assert far_on > 1e-6, f"{variant}: with writes on, token 0 should reach far positions"
+    assert (again - on).abs().max().item() < 1e-12, "writes are not restored after the block"
+    assert (off - on).abs().max().item() > 1e-6
+
+
+def test_memory_writes_off_keeps_the_state_and_restores_after_errors():
+    from titans_mini.memory import NeuralMemory
+    from titans_mini.models import memory_writes_off
+
+    torch.manual_seed(0)
+    mem = NeuralMemory(16, heads=2, chunk_size=4).double()
+    x = torch.randn(2, 11, 16, dtype=torch.float64)
+    init = mem.init_state(2, dtype=torch.float64)
+    mem.writes = False
+    y, state, stats = mem(x, return_stats=True)
+    mem.writes = True
+    for a, b in zip(state.weights, init.weights):
+        assert torch.equal(a, b), "writes off must leave the memory's weights at M0"
+    assert state.pending == 0 and torch.isfinite(stats.surprise).all()
+    # every token reads M0: the same as the read-only retrieval of MAC at the initial state
+    h, _ = mem.retrieve(x, init)
+    assert torch.allclose(y, h, atol=1e-12)
+    assert mem.flush(state) is not None
+
+    model = make("mag")
+    with pytest.raises(RuntimeError):
+        with memory_writes_off(model):
+            raise RuntimeError("boom")
+    assert all(m.writes for m in model.modules() if isinstance(m, NeuralMemory))
+    with pytest.raises(ValueError, match="no NeuralMemory"):
+        with memory_writes_off(make("swa")):
+            pass

@@ -24,9 +24,12 @@ What lives here, in reading order:
 
 * :class:`MemoryState` — what the memory carries from one call to the next (paper-map §C5);
 * :class:`NeuralMemory` — the layer: projections → causal conv → gates → chunk loop → read →
-  output. Each chunk is :func:`titans_mini.functional.chunk_update` (paper-map §C2–§C3: one
-  backward for all of a chunk's gradients, then Φ_end = AΦ + BS − (c ⊙ Δ)ᵀX), run by its fast
-  equivalent in :mod:`titans_mini.memory_fast` — the same maths, proven equal by tests;
+  output;
+* :func:`run_chunks` — the chunk loop it runs (and :func:`write_pending` for ``flush``,
+  :func:`read_only` for the writes-off ablation). Each chunk is
+  :func:`titans_mini.functional.chunk_update` (paper-map §C2–§C3: one backward for all of a
+  chunk's gradients, then Φ_end = AΦ + BS − (c ⊙ Δ)ᵀX), run by its fast equivalent in
+  :mod:`titans_mini.memory_fast` — the same maths, proven equal by tests;
 * :func:`sequential_reference` — the slow, obviously correct loop: per token, autograd of that
   token's loss, then literally S ← ηS − θg, Φ ← (1 − α)Φ + S. The oracle of the tests.
 """
@@ -173,6 +176,48 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
 
 
+def _checked_arguments(*, dim, heads, depth, expansion, chunk_size, conv_kernel, residual_norm,
+                       theta_max, theta_init, eta_init, alpha_init, max_grad_norm, compile_chunks,
+                       checkpoint_chunks) -> tuple[str, float, float]:
+    """Check ``NeuralMemory``'s arguments (a clear ``ValueError`` for each bad one) and fill in
+    the step-size defaults. Returns (memory kind, theta_max, theta_init)."""
+    for name, value, low in (("dim", dim, 1), ("heads", heads, 1), ("depth", depth, 1),
+                             ("expansion", expansion, 1), ("chunk_size", chunk_size, 1),
+                             ("conv_kernel", conv_kernel, 1)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if dim % heads != 0:
+        raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
+    kind = memory_kind(depth, residual_norm)
+    if theta_max is None:
+        # Linear and residual-LN memory: keys are unit vectors and M₀ is scaled so that one
+        # token's loss has curvature ≈ 1, so θ ≈ 1 would nearly overwrite a key in one step; but
+        # a chunk sums up to b gradients taken at the same point and momentum multiplies the
+        # step by up to 1/(1 − η), hence a cap well below 1 (θ_max = 1 diverges on random data
+        # at b = 16). Plain MLP: the last layer's curvature is ‖GELU(W_1 k)‖² ≈ 0.4·hidden.
+        theta_max = 0.1 if kind != "mlp" else 0.1 * 2.5 / (expansion * (dim // heads))
+    if not theta_max > 0:
+        raise ValueError(f"theta_max must be > 0, got {theta_max}")
+    theta_init = theta_max / 4 if theta_init is None else theta_init
+    for name, value, top in (("theta_init", theta_init, theta_max), ("eta_init", eta_init, 1),
+                             ("alpha_init", alpha_init, 1)):
+        if not 0 < value < top:
+            raise ValueError(f"{name} must be in (0, {top}), got {value}")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+    if compile_chunks and not device.compile_supported():
+        need = ".".join(map(str, device.MIN_TORCH_FOR_COMPILE))
+        raise ValueError(
+            f"compile_chunks=True needs torch >= {need} "
+            f"(found {torch.__version__}): the compiled chunk update's gradients are only verified "
+            "from that version on. Use compile_chunks=False (same results, slower on a GPU) "
+            "or upgrade torch."
+        )
+    if not isinstance(checkpoint_chunks, int) or checkpoint_chunks < 0:
+        raise ValueError(f"checkpoint_chunks must be an integer >= 0, got {checkpoint_chunks!r}")
+    return kind, float(theta_max), float(theta_init)
+
+
 # ----------------------------------------------------------------------------------------------
 # The layer
 # ----------------------------------------------------------------------------------------------
@@ -206,17 +251,11 @@ class NeuralMemory(nn.Module):
             MLP M(x) = MLP(x). Note that a non-affine LN fixes ‖M(k) − k‖ = √d_head, so values
             are only matched once v − k has that scale; the outer loop learns W_V accordingly.
         conv: causal depthwise conv (kernel ``conv_kernel``) after the q/k/v projections (§D9).
-        theta_max: θ_t = θ_max · σ(·) ∈ (0, θ_max). Default 0.1 (linear and residual-LN memory):
-            keys are unit vectors and M₀ is scaled so that one token's loss has curvature ≈ 1,
-            so θ ≈ 1 would nearly overwrite a key in one step; but a chunk sums up to b gradients
-            taken at the same point and momentum multiplies the step by up to 1/(1 − η), hence a
-            cap well below 1 (θ_max = 1 diverges on random data at b = 16). Plain MLP: the last
-            layer's curvature is ≈ 0.4·hidden, so the default is 0.25/hidden.
-        theta_init, eta_init, alpha_init: the gates' values at initialisation, set through the
-            biases of their linear maps (weights start small). η ≈ 0.9: surprise persists over
-            ~10 tokens (the paper's momentum). α ≈ 0.05: mild forgetting, memory half-life ≈ 14
-            tokens at first — the model learns to lower it. θ = θ_max/4 by default: well below the
-            cap, so the memory starts as a gentle learner, which keeps early training stable.
+        theta_max: θ_t = θ_max · σ(·) ∈ (0, θ_max). Default 0.1 (0.25/hidden for the plain
+            MLP); why, in :func:`_checked_arguments`.
+        theta_init, eta_init, alpha_init: the gates' values at initialisation (through the
+            biases of their linear maps): θ_max/4 (a gentle learner at first), η = 0.9 (surprise
+            persists over ~10 tokens), α = 0.05 (half-life ≈ 14 tokens; the model learns it).
         per_layer_theta: one θ per memory layer (NeurIPS: deep memories need per-layer rates).
         chunk_gates: gates mean-pooled over each chunk (faster-to-learn, less expressive option;
             causal, since gates only affect the write at the chunk's end).
@@ -234,6 +273,10 @@ class NeuralMemory(nn.Module):
     #: on the CPU, where it is free; True: on every device (one host synchronisation per call
     #: on a GPU); False: never.
     check_state_values: bool | None = None
+    #: Write to the memory? False switches the writes off (an ablation: every token reads the
+    #: carried state, Φ = M₀ at a document's start, and the state never changes); see
+    #: :func:`titans_mini.models.memory_writes_off` for a whole model.
+    writes: bool = True
 
     def __init__(self, dim: int, heads: int = 1, depth: int = 2, expansion: int = 4,
                  chunk_size: int = 16, momentum: bool = True, forget: bool = True, *,
@@ -244,26 +287,11 @@ class NeuralMemory(nn.Module):
                  max_grad_norm: float | None = None, compile_chunks: bool = False,
                  checkpoint_chunks: int = 0):
         super().__init__()
-        for name, value, low in (("dim", dim, 1), ("heads", heads, 1), ("depth", depth, 1),
-                                 ("expansion", expansion, 1), ("chunk_size", chunk_size, 1),
-                                 ("conv_kernel", conv_kernel, 1)):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if dim % heads != 0:
-            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
-        kind = memory_kind(depth, residual_norm)
-        if theta_max is None:
-            # plain MLP: the last layer's curvature is ‖GELU(W_1 k)‖² ≈ 0.4·hidden, not ≈ 1
-            theta_max = 0.1 if kind != "mlp" else 0.1 * 2.5 / (expansion * (dim // heads))
-        if not theta_max > 0:
-            raise ValueError(f"theta_max must be > 0, got {theta_max}")
-        theta_init = theta_max / 4 if theta_init is None else theta_init
-        for name, value, top in (("theta_init", theta_init, theta_max), ("eta_init", eta_init, 1),
-                                 ("alpha_init", alpha_init, 1)):
-            if not 0 < value < top:
-                raise ValueError(f"{name} must be in (0, {top}), got {value}")
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+        kind, theta_max, theta_init = _checked_arguments(
+            dim=dim, heads=heads, depth=depth, expansion=expansion, chunk_size=chunk_size,
+            conv_kernel=conv_kernel, residual_norm=residual_norm, theta_max=theta_max, theta_init=theta_init,
+            eta_init=eta_init, alpha_init=alpha_init, max_grad_norm=max_grad_norm,
+            compile_chunks=compile_chunks, checkpoint_chunks=checkpoint_chunks)
 
         self.dim, self.heads, self.depth = dim, heads, depth
         self.d_head = dim // heads
@@ -276,16 +304,6 @@ class NeuralMemory(nn.Module):
         self.chunk_gates = chunk_gates
         self.max_grad_norm = max_grad_norm
         self.compile_chunks = bool(compile_chunks)
-        if self.compile_chunks and not device.compile_supported():
-            need = ".".join(map(str, device.MIN_TORCH_FOR_COMPILE))
-            raise ValueError(
-                f"compile_chunks=True needs torch >= {need} "
-                f"(found {torch.__version__}): the compiled chunk update's gradients are only verified "
-                "from that version on. Use compile_chunks=False (same results, slower on a GPU) "
-                "or upgrade torch."
-            )
-        if not isinstance(checkpoint_chunks, int) or checkpoint_chunks < 0:
-            raise ValueError(f"checkpoint_chunks must be an integer >= 0, got {checkpoint_chunks!r}")
         self.checkpoint_chunks = checkpoint_chunks
         self.conv_kernel = conv_kernel if conv else 1
 
@@ -419,25 +437,6 @@ class NeuralMemory(nn.Module):
 
     # -- the chunked forward (weighted-gradient route) ----------------------------------------
 
-    def _chunk_step(self, W, S, keys, values, queries, factors, need_stats: bool,
-                    inplace: bool = False):
-        """One chunk's read and write (:func:`titans_mini.functional.chunk_update`, run by its
-        fast equivalent), compiled when the layer was built with ``compile_chunks=True`` and the
-        chunk is a full one (a flushed partial chunk runs eagerly: one static compiled shape)."""
-        step = fast_chunk_update
-        if self.compile_chunks and keys.shape[1] == self.chunk_size:
-            step = compiled_chunk_update()
-        return step(W, S, keys, values, queries, factors, self.kind, self.max_grad_norm,
-                    need_stats, inplace)
-
-    def _coefficients(self, logits: Tensor):
-        """Coefficients of every full chunk of an aligned, already pooled stream of logits
-        (B, H, nc·b, G) -> c, d (B, H, nc, b, n_theta), A, B, E (B, H, nc)."""
-        B_, H, N, G = logits.shape
-        b = self.chunk_size
-        theta, log_eta, log_keep, _, _ = self._gate_values(logits.reshape(B_, H, N // b, b, G))
-        return chunk_coefficients(theta, log_eta, log_keep)
-
     def forward(self, x: Tensor, state: MemoryState | None = None, *, return_stats: bool = False):
         """Read and write a sequence. x (B, T, dim) -> y (B, T, dim), new state [, stats].
 
@@ -447,7 +446,10 @@ class NeuralMemory(nn.Module):
         state = self._checked_start(x, state)
         q, k, v, conv_context = self._project(x, state.conv_context)
         logits = self._gate_logits(x)
-        reads, new_state, inner = self._run(q, k, v, logits, state, return_stats)
+        if self.writes:
+            reads, new_state, inner = run_chunks(self, q, k, v, logits, state, return_stats)
+        else:  # ablation: read the carried state, write nothing
+            reads, new_state, inner = read_only(self, q, k, v, state, return_stats)
         new_state.conv_context = conv_context
         y = self._output(reads, x)
         if not return_stats:
@@ -459,81 +461,6 @@ class NeuralMemory(nn.Module):
                             theta=theta if self.per_layer_theta else theta[..., 0],
                             eta=eta, alpha=alpha)
         return y, new_state, stats
-
-    def _run(self, q, k, v, logits, state: MemoryState, need_stats: bool):
-        """The chunk loop over the aligned stream [pending tokens of the state ‖ this call]:
-        every full chunk reads at its start state and is then written; the tokens of an
-        unfinished last chunk read the current state and stay pending (written later)."""
-        batch, H, T, d = q.shape
-        b, P = self.chunk_size, state.pending
-        wdtype = state.weights[0].dtype
-        keys = torch.cat([state.pending_keys, k.to(state.pending_keys.dtype)], 2)  # (batch, H, N, d)
-        values = torch.cat([state.pending_values, v.to(state.pending_values.dtype)], 2)
-        raw_logits = torch.cat([state.pending_gates.to(logits.dtype), logits], 2)  # (.., N, G)
-        N = P + T
-        n_chunks, full = N // b, (N // b) * b
-        rows = batch * H  # every (batch, head) pair has its own memory
-        W = [w.reshape(rows, *w.shape[2:]) for w in state.weights]
-        S = [s.reshape(rows, *s.shape[2:]) for s in state.momentum]
-        # inference: update private copies in place (the caller's state is never modified)
-        inplace = n_chunks > 0 and not torch.is_grad_enabled()
-        if inplace:
-            W = [w.clone(memory_format=torch.contiguous_format) for w in W]
-            S = [s.clone(memory_format=torch.contiguous_format) for s in S]
-        reads, surprise, grad_norm = [], [], []
-        if n_chunks:
-            coeffs = self._coefficients(self._pool_gate_logits(raw_logits[:, :, :full]))
-            factors = per_chunk_factors(coeffs, rows, n_chunks, wdtype)
-            # split the stream into chunks once (unbind: no per-chunk slicing in the backward)
-            per_chunk = lambda t: t[:, :, :full].reshape(rows, n_chunks, b, d).to(wdtype).unbind(1)
-            k_chunks, v_chunks = per_chunk(keys), per_chunk(values)
-            # queries aligned with the stream; the P pending positions were read by an earlier call
-            q_al = q[:, :, : full - P] if P == 0 else torch.cat(
-                [q.new_zeros(batch, H, P, d), q[:, :, : max(full - P, 0)]], 2)
-            q_chunks = q_al.reshape(rows, n_chunks, b, d).unbind(1)
-
-            def one_chunk(i, W, S):  # read at the chunk-start state, then write the chunk
-                W, S, *out = self._chunk_step(W, S, k_chunks[i], v_chunks[i], q_chunks[i],
-                                              factors[i], need_stats, inplace)
-                return W, S, out
-
-            group = self.checkpoint_chunks if torch.is_grad_enabled() else 0
-            if group:  # less memory: the backward recomputes chunks (same values, memory_fast)
-                W, S, outs = checkpointed_chunks(one_chunk, n_chunks, W, S, group)
-            else:
-                outs = []
-                for i in range(n_chunks):
-                    W, S, out = one_chunk(i, W, S)
-                    outs.append(out)
-            for i, (r, sur, gn) in enumerate(outs):
-                skip = P if i == 0 else 0  # pending rows: read and reported by an earlier call
-                reads.append(r[:, skip:] if skip else r)
-                if need_stats:
-                    surprise.append(sur[:, skip:])
-                    grad_norm.append(gn[:, skip:])
-        # the unfinished chunk: its new tokens read the current state; it is not written yet
-        rest_q = q.reshape(rows, T, d)[:, max(full - P, 0):]
-        if rest_q.shape[1]:
-            if need_stats:
-                kr = keys[:, :, full:].reshape(rows, N - full, d)
-                vr = values[:, :, full:].reshape(rows, N - full, d)
-                out, cache = memory_forward(W, kr, self.kind, keep=True)
-                gn = token_grad_norm(memory_backward(W, cache, out - vr), cache["inputs"])
-                skip = N - full - rest_q.shape[1]  # pending rows already reported earlier
-                surprise.append(associative_loss(out, vr)[:, skip:])
-                grad_norm.append(gn[:, skip:])
-            reads.append(memory_forward(W, rest_q, self.kind))
-        reads = torch.cat(reads, 1).reshape(batch, H, T, d) if reads else q.new_zeros(batch, H, 0, d)
-        new_state = MemoryState(
-            weights=tuple(w.reshape(batch, H, *w.shape[1:]) for w in W),
-            momentum=tuple(s.reshape(batch, H, *s.shape[1:]) for s in S),
-            pending_keys=keys[:, :, full:], pending_values=values[:, :, full:],
-            pending_gates=raw_logits[:, :, full:])
-        inner = None
-        if need_stats:
-            cat = lambda xs: (torch.cat(xs, 1) if xs else q.new_zeros(rows, 0)).reshape(batch, H, T)
-            inner = (cat(surprise), cat(grad_norm))
-        return reads, new_state, inner
 
     def _output(self, reads: Tensor, x: Tensor) -> Tensor:
         """o = W_O(RMSNorm(y) ⊙ SiLU(W_g x)) (paper-map §D10); RMSNorm per head, reads (B, H, T, d_head)."""
@@ -547,28 +474,7 @@ class NeuralMemory(nn.Module):
         """Write the pending tokens as a final, partial chunk (call at the end of a document).
 
         After a flush the chunk grid restarts, so only flush when the document ends."""
-        P = state.pending
-        if P == 0:
-            return state
-        batch = state.pending_keys.shape[0]
-        state.validate(self, batch)
-        theta, log_eta, log_keep, _, _ = self._gate_values(
-            self._pool_gate_logits(state.pending_gates))
-        coeffs = chunk_coefficients(theta, log_eta, log_keep)  # one chunk of P tokens
-        rows, wdtype = batch * self.heads, state.weights[0].dtype
-        factors = per_chunk_factors(type(coeffs)(*(t.unsqueeze(2) for t in coeffs)), rows, 1,
-                                    wdtype)[0]
-        W = [w.reshape(rows, *w.shape[2:]) for w in state.weights]
-        S = [s.reshape(rows, *s.shape[2:]) for s in state.momentum]
-        pending = lambda t: t.reshape(rows, P, self.d_head)
-        W, S, _, _, _ = self._chunk_step(W, S, pending(state.pending_keys),
-                                         pending(state.pending_values), None, factors, False)
-        empty = state.pending_keys[:, :, :0]
-        H = self.heads
-        return replace(state, weights=tuple(w.reshape(batch, H, *w.shape[1:]) for w in W),
-                       momentum=tuple(s.reshape(batch, H, *s.shape[1:]) for s in S),
-                       pending_keys=empty, pending_values=empty,
-                       pending_gates=state.pending_gates[:, :, :0])
+        return write_pending(self, state) if self.writes else state
 
     # -- read-only retrieval (for MAC) --------------------------------------------------------
 
@@ -587,10 +493,7 @@ class NeuralMemory(nn.Module):
         B = x.shape[0]
         if not isinstance(state, MemoryState):
             raise ValueError(f"state must be a MemoryState, got {type(state).__name__}")
-        shapes = [(B, self.heads, o, i) for o, i in self.layer_shapes]
-        if [tuple(w.shape) for w in state.weights] != shapes:
-            raise ValueError(f"state.weights shapes must be {shapes}, "
-                             f"got {[tuple(w.shape) for w in state.weights]}")
+        state.validate(self, B)
         D = self.dim
         pre = F.linear(x, self.to_qkv.weight[:D])  # (B, T, dim): the q projection only
         wq = None if self.conv_weight is None else self.conv_weight[:D]
@@ -598,6 +501,141 @@ class NeuralMemory(nn.Module):
         q = l2_normalize(self._split_heads(F.silu(qc)))  # (B, H, T, d_head)
         reads = self.memory_fn(state.weights, q.to(state.weights[0].dtype))
         return self._output(reads, x), new_context
+
+
+# ----------------------------------------------------------------------------------------------
+# The chunk loop (what ``NeuralMemory.forward`` and ``flush`` run)
+# ----------------------------------------------------------------------------------------------
+
+
+def run_chunks(mem: NeuralMemory, q: Tensor, k: Tensor, v: Tensor, logits: Tensor,
+               state: MemoryState, need_stats: bool):
+    """The chunk loop over the aligned stream [pending tokens of the state ‖ this call]:
+    every full chunk reads at its start state and is then written; the tokens of an
+    unfinished last chunk read the current state and stay pending (written later)."""
+    batch, H, T, d = q.shape
+    b, P = mem.chunk_size, state.pending
+    wdtype = state.weights[0].dtype
+    keys = torch.cat([state.pending_keys, k.to(state.pending_keys.dtype)], 2)  # (batch, H, N, d)
+    values = torch.cat([state.pending_values, v.to(state.pending_values.dtype)], 2)
+    raw_logits = torch.cat([state.pending_gates.to(logits.dtype), logits], 2)  # (.., N, G)
+    N = P + T
+    n_chunks, full = N // b, (N // b) * b
+    rows = batch * H  # every (batch, head) pair has its own memory
+    W = [w.reshape(rows, *w.shape[2:]) for w in state.weights]
+    S = [s.reshape(rows, *s.shape[2:]) for s in state.momentum]
+    # inference: update private copies in place (the caller's state is never modified)
+    inplace = n_chunks > 0 and not torch.is_grad_enabled()
+    if inplace:
+        W = [w.clone(memory_format=torch.contiguous_format) for w in W]
+        S = [s.clone(memory_format=torch.contiguous_format) for s in S]
+    reads, surprise, grad_norm = [], [], []
+    if n_chunks:
+        pooled = mem._pool_gate_logits(raw_logits[:, :, :full])  # (batch, H, nc·b, G)
+        theta, log_eta, log_keep, _, _ = mem._gate_values(pooled.reshape(batch, H, n_chunks, b, -1))
+        coeffs = chunk_coefficients(theta, log_eta, log_keep)  # c, d (.., nc, b, ·); A, B, E (.., nc)
+        factors = per_chunk_factors(coeffs, rows, n_chunks, wdtype)
+        # split the stream into chunks once (unbind: no per-chunk slicing in the backward)
+        per_chunk = lambda t: t[:, :, :full].reshape(rows, n_chunks, b, d).to(wdtype).unbind(1)
+        k_chunks, v_chunks = per_chunk(keys), per_chunk(values)
+        # queries aligned with the stream; the P pending positions were read by an earlier call
+        q_al = q[:, :, : full - P] if P == 0 else torch.cat(
+            [q.new_zeros(batch, H, P, d), q[:, :, : max(full - P, 0)]], 2)
+        q_chunks = q_al.reshape(rows, n_chunks, b, d).unbind(1)
+        # each chunk: functional.chunk_update, run by its fast equivalent (memory_fast),
+        # compiled on request (every full chunk has one static shape)
+        step = compiled_chunk_update() if mem.compile_chunks else fast_chunk_update
+
+        def one_chunk(i, W, S):  # read at the chunk-start state, then write the chunk
+            W, S, *out = step(W, S, k_chunks[i], v_chunks[i], q_chunks[i], factors[i], mem.kind,
+                              mem.max_grad_norm, need_stats, inplace)
+            return W, S, out
+
+        group = mem.checkpoint_chunks if torch.is_grad_enabled() else 0
+        if group:  # less memory: the backward recomputes chunks (same values, memory_fast)
+            W, S, outs = checkpointed_chunks(one_chunk, n_chunks, W, S, group)
+        else:
+            outs = []
+            for i in range(n_chunks):
+                W, S, out = one_chunk(i, W, S)
+                outs.append(out)
+        for i, (r, sur, gn) in enumerate(outs):
+            skip = P if i == 0 else 0  # pending rows: read and reported by an earlier call
+            reads.append(r[:, skip:] if skip else r)
+            if need_stats:
+                surprise.append(sur[:, skip:])
+                grad_norm.append(gn[:, skip:])
+    # the unfinished chunk: its new tokens read the current state; it is not written yet
+    rest_q = q.reshape(rows, T, d)[:, max(full - P, 0):]
+    if rest_q.shape[1]:
+        if need_stats:
+            skip = N - full - rest_q.shape[1]  # pending rows already reported earlier
+            sur, gn = _surprise_at(mem, W, keys[:, :, full:], values[:, :, full:])
+            surprise.append(sur[:, skip:])
+            grad_norm.append(gn[:, skip:])
+        reads.append(memory_forward(W, rest_q, mem.kind))
+    reads = torch.cat(reads, 1).reshape(batch, H, T, d) if reads else q.new_zeros(batch, H, 0, d)
+    new_state = MemoryState(
+        weights=tuple(w.reshape(batch, H, *w.shape[1:]) for w in W),
+        momentum=tuple(s.reshape(batch, H, *s.shape[1:]) for s in S),
+        pending_keys=keys[:, :, full:], pending_values=values[:, :, full:],
+        pending_gates=raw_logits[:, :, full:])
+    inner = None
+    if need_stats:
+        cat = lambda xs: (torch.cat(xs, 1) if xs else q.new_zeros(rows, 0)).reshape(batch, H, T)
+        inner = (cat(surprise), cat(grad_norm))
+    return reads, new_state, inner
+
+
+def _surprise_at(mem: NeuralMemory, W, keys: Tensor, values: Tensor):
+    """Surprise ℓ = ½‖M(k; W) − v‖² and ‖∇_W ℓ‖ of tokens that are not written (yet), at the
+    weights W (rows, ·, ·): keys, values (batch, H, n, d) -> two (rows, n) tensors."""
+    rows, n, d = W[0].shape[0], keys.shape[2], mem.d_head
+    kr, vr = keys.reshape(rows, n, d), values.reshape(rows, n, d)
+    out, cache = memory_forward(W, kr, mem.kind, keep=True)
+    gn = token_grad_norm(memory_backward(W, cache, out - vr), cache["inputs"])
+    return associative_loss(out, vr), gn
+
+
+def read_only(mem: NeuralMemory, q: Tensor, k: Tensor, v: Tensor, state: MemoryState,
+              need_stats: bool):
+    """The memory with its writes switched off (``mem.writes = False``, an ablation): every token
+    reads the carried state (Φ = M₀ at the start of a document) and the state is returned as it
+    came, so whatever the model recalls comes from attention and the learned M₀ alone."""
+    batch, H, T, d = q.shape
+    W = [w.reshape(batch * H, *w.shape[2:]) for w in state.weights]
+    reads = memory_forward(W, q.reshape(batch * H, T, d).to(W[0].dtype), mem.kind)
+    inner = None
+    if need_stats:
+        sur, gn = _surprise_at(mem, W, k.to(W[0].dtype), v.to(W[0].dtype))
+        inner = (sur.reshape(batch, H, T), gn.reshape(batch, H, T))
+    return reads.reshape(batch, H, T, d), replace(state), inner
+
+
+def write_pending(mem: NeuralMemory, state: MemoryState) -> MemoryState:
+    """Write the state's pending tokens as one final, partial chunk (``NeuralMemory.flush``)."""
+    P = state.pending
+    if P == 0:
+        return state
+    batch = state.pending_keys.shape[0]
+    state.validate(mem, batch)
+    theta, log_eta, log_keep, _, _ = mem._gate_values(mem._pool_gate_logits(state.pending_gates))
+    coeffs = chunk_coefficients(theta, log_eta, log_keep)  # one chunk of P tokens
+    rows, wdtype = batch * mem.heads, state.weights[0].dtype
+    factors = per_chunk_factors(type(coeffs)(*(t.unsqueeze(2) for t in coeffs)), rows, 1,
+                                wdtype)[0]
+    W = [w.reshape(rows, *w.shape[2:]) for w in state.weights]
+    S = [s.reshape(rows, *s.shape[2:]) for s in state.momentum]
+    pending = lambda t: t.reshape(rows, P, mem.d_head)
+    W, S, _, _, _ = fast_chunk_update(W, S, pending(state.pending_keys),  # eager: a partial chunk
+                                      pending(state.pending_values), None, factors, mem.kind,
+                                      mem.max_grad_norm, False, False)
+    empty = state.pending_keys[:, :, :0]
+    H = mem.heads
+    return replace(state, weights=tuple(w.reshape(batch, H, *w.shape[1:]) for w in W),
+                   momentum=tuple(s.reshape(batch, H, *s.shape[1:]) for s in S),
+                   pending_keys=empty, pending_values=empty,
+                   pending_gates=state.pending_gates[:, :, :0])
 
 
 # ----------------------------------------------------------------------------------------------

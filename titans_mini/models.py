@@ -42,6 +42,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +69,7 @@ __all__ = [
     "RMSNorm",
     "SwiGLU",
     "Block",
+    "memory_writes_off",
 ]
 
 VARIANTS = ("mac", "mag", "mal", "lmm", "transformer", "swa")
@@ -594,3 +597,36 @@ class TitansLM(nn.Module):
             logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         return torch.multinomial(probs, 1, generator=generator)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ablation: the memory without its writes
+# ----------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def memory_writes_off(model: nn.Module) -> Iterator[nn.Module]:
+    """Switch off the writes of every ``NeuralMemory`` in ``model`` inside a ``with`` block.
+
+    Inside, each memory reads the state it was given — M₀ at the start of a sequence — for every
+    token and never updates it (``NeuralMemory.writes = False``); the persistent tokens are not
+    written either. What the model still recalls then comes from attention (its window or
+    segment) and the learned M₀, so comparing accuracy with and without writes measures what
+    the test-time memory itself contributes. The switches are restored on leaving the block,
+    also after an error::
+
+        with memory_writes_off(model):
+            logits, _ = model(tokens)
+    """
+    memories = [m for m in model.modules() if isinstance(m, NeuralMemory)]
+    if not memories:
+        raise ValueError(f"{type(model).__name__} has no NeuralMemory to switch off (the "
+                         "transformer and swa variants have none); use a mac, mag, mal or lmm model")
+    before = [m.writes for m in memories]
+    try:
+        for m in memories:
+            m.writes = False
+        yield model
+    finally:
+        for m, w in zip(memories, before):
+            m.writes = w
