@@ -302,3 +302,79 @@ def test_sniah_training_stream_checks_every_row_before_training():
     stream = TaskData("sniah_lite", 256, need, 8)
     for step in range(50):
         stream.batch(step)
+
+
+# ---------------------------------------------------------------- distance-controlled recall (lesson 10)
+@pytest.mark.parametrize("distance", [1, 2, 7, 30])
+def test_mqar_at_distance_every_query_exactly_distance_after_its_value(distance):
+    V, N, T, B = 64, 4, 40, 50
+    batch = tasks.mqar_at_distance(B, V, N, T, distance=distance, seed=3)
+    kpos, qpos = batch.info["key_positions"], batch.info["query_positions"]
+    assert (qpos - (kpos + 1) == distance).all() and (batch.info["distance"] == distance).all()
+    for b in range(B):
+        x, y = batch.inputs[b], batch.targets[b]
+        used = torch.cat([kpos[b], kpos[b] + 1, qpos[b]])
+        assert len(set(used.tolist())) == 3 * N, "facts and queries never overlap"
+        keys, vals = x[kpos[b]], x[kpos[b] + 1]
+        assert ((keys >= 1) & (keys < V // 2)).all() and ((vals >= V // 2) & (vals < V)).all()
+        assert len(set(keys.tolist())) == N and len(set(vals.tolist())) == N
+        assert torch.equal(x[qpos[b]], keys) and torch.equal(y[qpos[b]], vals)
+        assert torch.nonzero(batch.score_mask[b]).flatten().tolist() == sorted(qpos[b].tolist())
+        filler = torch.ones(T, dtype=torch.bool)
+        filler[used] = False
+        assert (x[filler] == 0).all()
+
+
+def test_mqar_at_distance_per_row_distances_random_phase_and_errors():
+    batch = tasks.mqar_at_distance(4, 64, 2, 48, distance=[3, 8, 20, 40], seed=0)
+    assert batch.info["distance"].tolist() == [3, 8, 20, 40]
+    gaps = batch.info["query_positions"] - batch.info["key_positions"] - 1
+    assert gaps.tolist() == [[3, 3], [8, 8], [20, 20], [40, 40]]
+    again = tasks.mqar_at_distance(4, 64, 2, 48, distance=[3, 8, 20, 40], seed=0)
+    assert torch.equal(batch.inputs, again.inputs)
+    many = tasks.mqar_at_distance(400, 64, 1, 64, distance=8, seed=1)
+    phases = set((many.info["key_positions"][:, 0] % 8).tolist())
+    assert phases == set(range(8)), "a fact's position relative to a chunk boundary is random"
+    with pytest.raises(ValueError, match="too short"):
+        tasks.mqar_at_distance(2, 64, 4, 20, distance=19)
+    with pytest.raises(ValueError, match="distances"):
+        tasks.mqar_at_distance(2, 64, 4, 40, distance=[4, 5, 6])
+    with pytest.raises(ValueError, match=">= 1"):
+        tasks.mqar_at_distance(2, 64, 4, 40, distance=0)
+
+
+def test_sniah_distance_places_the_needle_and_is_reported_for_depth_too():
+    tok = tasks.PhraseTokenizer()
+    T, digits = 60, 4
+    batch = tasks.sniah_lite(3, T, tokenizer=tok, num_digits=digits, distance=[12, 20, 40], seed=1)
+    assert batch.info["distance"].tolist() == [12, 20, 40]
+    for b in range(3):
+        answer = tok.encode(batch.info["answers"][b])
+        first = T - digits  # the input position that predicts the answer's first digit
+        assert batch.targets[b, first].item() == answer[0]
+        x = batch.inputs[b].tolist()
+        at = first - batch.info["distance"][b].item()  # the needle's copy of that digit
+        assert x[at : at + digits] == answer
+    by_depth = tasks.sniah_lite(2, 300, 0.5, seed=0)  # bytes: the same measure from a depth
+    for b in range(2):
+        text = bytes(by_depth.inputs[b].tolist()).decode()
+        ans = by_depth.info["answers"][b]
+        at = text.find(f"is: {ans}.") + 4
+        assert by_depth.info["distance"][b].item() == 300 - 7 - at
+    with pytest.raises(ValueError, match="possible distances"):
+        tasks.sniah_lite(1, T, tokenizer=tok, num_digits=digits, distance=3)
+    with pytest.raises(ValueError, match="distances for batch_size"):
+        tasks.sniah_lite(2, T, tokenizer=tok, num_digits=digits, distance=[12])
+
+
+def test_phrase_tokenizer_round_trip_and_lengths():
+    tok = tasks.PhraseTokenizer()
+    needle = tok.encode(" " + tasks.NEEDLE.format(key="brave-otter", value="4071") + " ")
+    assert len(needle) == 10 and tok.decode(needle[-5:]) == "4 0 7 1 ."
+    question = tok.encode(tasks.QUESTION.format(key="brave-otter"))
+    assert tok.decode(question) == "What is the special magic number for brave - otter ? Answer:"
+    assert len(question) == 5
+    assert max(tok.encode(tasks.RULER_NOISE)) < tok.vocab_size
+    assert tasks.sniah_lite_min_length(4, tok) == 18
+    with pytest.raises(ValueError, match="does not know"):
+        tok.encode("zyzzyva")

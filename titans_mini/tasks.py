@@ -25,6 +25,7 @@ that surprise plots are checked against.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -37,8 +38,10 @@ __all__ = [
     "SurpriseStream",
     "mqar",
     "mqar_gap_distribution",
+    "mqar_at_distance",
     "sniah_lite",
     "sniah_lite_min_length",
+    "PhraseTokenizer",
     "selective_copy",
     "surprise_stream",
     "token_accuracy",
@@ -268,6 +271,106 @@ def mqar(
     return _finish(inputs, targets, "mqar", info)
 
 
+def mqar_at_distance(
+    batch_size: int,
+    vocab_size: int = 64,
+    num_pairs: int = 4,
+    length: int = 64,
+    *,
+    distance: int | Sequence[int],
+    seed: int = 0,
+) -> TaskBatch:
+    """MQAR with the distance between each fact and its query fixed (lesson 10).
+
+    Every query sits exactly ``distance`` tokens after the value it asks for::
+
+        0 k1 v1 0 k2 v2 0 0 ... k1 0 0 k2 ...      (distance 8: k1's query is 8 tokens after v1)
+                                ^ target v1
+
+    * keys from ``1 .. V//2 − 1``, values from ``V//2 .. V−1``, distinct within a sequence and
+      fresh per sequence, 0 elsewhere (as :func:`mqar`); each key is queried once, by repeating it;
+    * the N facts (key at p, value at p + 1, query at p + 1 + distance) are placed one after
+      the other at random free positions, so pairs, queries and other facts may interleave and
+      a fact's position relative to chunk or segment boundaries is random;
+    * ``distance`` is one int for all rows or one per row (a training batch can mix distances);
+    * only the queries are scored, against their value (metric: token accuracy).
+
+    Unlike :func:`mqar`, whose query slots follow a power law, here the distance is the
+    experiment's variable: accuracy against distance shows how far back a model can recall.
+
+    Returns:
+        :class:`TaskBatch` with ``info`` = ``{"keys": (B, N), "values": (B, N),
+        "key_positions": (B, N), "query_positions": (B, N), "distance": (B,)}``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_pairs < 1:
+        raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
+    key_hi = vocab_size // 2
+    if num_pairs > key_hi - 1 or num_pairs > vocab_size - key_hi:
+        raise ValueError(
+            f"vocab_size {vocab_size} cannot hold {num_pairs} distinct keys (1..{key_hi - 1}) "
+            f"and values ({key_hi}..{vocab_size - 1})"
+        )
+    if np.ndim(distance) == 0:
+        dists = np.full(batch_size, int(distance), dtype=np.int64)
+    else:
+        dists = np.asarray(distance, dtype=np.int64)
+        if dists.shape != (batch_size,):
+            raise ValueError(f"got {dists.size} distances for batch_size {batch_size}")
+    for d in dists:
+        if d < 1:
+            raise ValueError(f"distance must be >= 1, got {d}")
+        if 3 * num_pairs > length or d + 2 > length:
+            raise ValueError(
+                f"length {length} is too short for {num_pairs} facts at distance {d}: need "
+                "3·num_pairs <= length and distance + 2 <= length"
+            )
+
+    rng = np.random.default_rng(seed)
+    B, N, T = batch_size, num_pairs, length
+    keys = np.argsort(rng.random((B, key_hi - 1)), axis=1)[:, :N] + 1
+    values = np.argsort(rng.random((B, vocab_size - key_hi)), axis=1)[:, :N] + key_hi
+    key_pos = np.zeros((B, N), dtype=np.int64)
+    for b in range(B):
+        d = int(dists[b])
+        starts = np.arange(T - d - 1)  # a fact starting at p uses p, p + 1 and p + 1 + d
+        for _attempt in range(100):  # random packing can get stuck: start the row again
+            used = np.zeros(T, dtype=bool)
+            for j in range(N):
+                free = starts[~used[starts] & ~used[starts + 1] & ~used[starts + 1 + d]]
+                if len(free) == 0:
+                    break
+                p = int(rng.choice(free))
+                used[[p, p + 1, p + 1 + d]] = True
+                key_pos[b, j] = p
+            else:
+                break
+        else:
+            raise ValueError(
+                f"could not place {N} facts at distance {d} in length {T}: make length longer"
+            )
+    query_pos = key_pos + 1 + dists[:, None]
+
+    rows = np.arange(B)[:, None]
+    inputs = np.zeros((B, T), dtype=np.int64)
+    inputs[rows, key_pos] = keys
+    inputs[rows, key_pos + 1] = values
+    inputs[rows, query_pos] = keys
+    targets = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
+    targets[rows, query_pos] = values
+    info = {
+        "keys": torch.as_tensor(keys),
+        "values": torch.as_tensor(values),
+        "key_positions": torch.as_tensor(key_pos),
+        "query_positions": torch.as_tensor(query_pos),
+        "distance": torch.as_tensor(dists),
+        "vocab_size": vocab_size,
+        "num_pairs": N,
+    }
+    return _finish(inputs, targets, "mqar", info)
+
+
 # --------------------------------------------------------------------------------------------
 # S-NIAH-lite (RULER single needle, trained)
 # --------------------------------------------------------------------------------------------
@@ -339,6 +442,7 @@ def sniah_lite(
     haystack: str | Sequence[int] | None = None,
     tokenizer=None,
     num_digits: int = 7,
+    distance: int | Sequence[int] | None = None,
 ) -> TaskBatch:
     """S-NIAH-lite: RULER's single needle in a haystack, small enough to *train* on.
 
@@ -352,6 +456,11 @@ def sniah_lite(
     * the needle starts at haystack token ``round(depth · H)`` where ``H`` is the number of
       haystack tokens; ``depth = 0`` puts it first, ``depth = 1`` right before the question.
       Give one depth for all rows or one per row (``RULER_DEPTHS`` are RULER's 40 depths);
+    * ``distance`` (lesson 10) places the needle by distance instead of depth: the answer's
+      first token is then predicted exactly ``distance`` tokens after the needle's copy of it
+      (``info["distance"]``, measured the same way whichever argument placed the needle). It
+      needs a tokenizer that encodes the number the same inside the needle (bytes and
+      :class:`PhraseTokenizer` do); an impossible distance raises, naming the possible ones;
     * ``haystack``: ``None`` for RULER's noise sentences, or any text / token ids (e.g. a
       validation split of the corpus), read from a random offset and repeated as needed;
     * loss and accuracy only on the answer digits: ``targets`` holds the answer tokens at the
@@ -367,10 +476,13 @@ def sniah_lite(
         tokenizer: anything with ``encode(str) -> list[int]`` (and ``decode``); default the
             UTF-8 byte tokenizer (vocab 256).
         num_digits: digits of the magic number (RULER: 7).
+        distance: if given (one int, or one per row), overrides ``depth``: tokens from the
+            number in the needle to the position that predicts the answer's first token.
 
     Returns:
         :class:`TaskBatch` with metric :func:`exact_match` and ``info`` = ``{"depth": (B,),
         "needle_start": (B,) input index of the needle's first token, "needle_len": (B,),
+        "distance": (B,) as above (−1 where the number is not found in the needle's tokens),
         "keys": [str], "answers": [str]}``.
     """
     if batch_size < 1:
@@ -383,13 +495,17 @@ def sniah_lite(
             raise ValueError(f"depth must lie in [0, 1], got {d}")
     if num_digits < 1:
         raise ValueError(f"num_digits must be >= 1, got {num_digits}")
+    if distance is not None:
+        distances = [int(distance)] * batch_size if np.ndim(distance) == 0 else [int(d) for d in distance]
+        if len(distances) != batch_size:
+            raise ValueError(f"got {len(distances)} distances for batch_size {batch_size}")
     tok = tokenizer if tokenizer is not None else _ByteCodec()
     hay = RULER_NOISE if haystack is None else haystack
     rng = np.random.default_rng(seed)
 
     inputs = np.zeros((batch_size, length), dtype=np.int64)
     targets = np.full((batch_size, length), IGNORE_INDEX, dtype=np.int64)
-    needle_start, needle_len, keys, answers = [], [], [], []
+    needle_start, needle_len, row_distance, keys, answers = [], [], [], [], []
     for b in range(batch_size):
         key = f"{_ADJECTIVES[rng.integers(len(_ADJECTIVES))]}-{_NOUNS[rng.integers(len(_NOUNS))]}"
         number = str(int(rng.integers(10 ** (num_digits - 1), 10**num_digits)))
@@ -404,11 +520,27 @@ def sniah_lite(
                 f"{len(needle) + len(question) + len(answer) - 1} tokens"
             )
         filler = _haystack_tokens(n_hay, hay, tok, rng)
-        at = int(round(depths[b] * n_hay))
+        # where the number starts inside the needle (its last occurrence), for the distance
+        offset = next((i for i in range(len(needle) - len(answer), -1, -1)
+                       if needle[i : i + len(answer)] == answer), None)
+        scored = length - len(answer)  # the input position that predicts the answer's first token
+        if distance is None:
+            at = int(round(depths[b] * n_hay))
+        else:
+            if offset is None:
+                raise ValueError("distance needs a tokenizer that encodes the number the same "
+                                 "inside the needle (bytes and PhraseTokenizer do)")
+            at = scored - offset - distances[b]
+            if not 0 <= at <= n_hay:
+                raise ValueError(
+                    f"distance {distances[b]} does not fit length {length} in row {b}: possible "
+                    f"distances are {scored - offset - n_hay}..{scored - offset}"
+                )
         full = filler[:at] + needle + filler[at:] + question + answer
         inputs[b] = full[:-1]
         targets[b, length - len(answer) :] = answer
         needle_start.append(at)
+        row_distance.append(-1 if offset is None else scored - offset - at)
         needle_len.append(len(needle))
         keys.append(key)
         answers.append(number)
@@ -417,10 +549,56 @@ def sniah_lite(
         "depth": torch.tensor(depths),
         "needle_start": torch.tensor(needle_start),
         "needle_len": torch.tensor(needle_len),
+        "distance": torch.tensor(row_distance),
         "keys": keys,
         "answers": answers,
     }
     return _finish(inputs, targets, "sniah_lite", info, metric=exact_match)
+
+
+class PhraseTokenizer:
+    """A compact tokenizer for S-NIAH-lite (lesson 10): the needle in ~10 tokens instead of ~60 bytes.
+
+    The fixed phrases of the needle and the question ("One of the special magic numbers for",
+    "What is the special magic number for", "is:", "? Answer:") are one token each; every other
+    word (the haystack's words, the key's adjective and noun) is one token, and so is each digit
+    and punctuation mark::
+
+        One of the special magic numbers for | brave | - | otter | is: | 4 | 0 | 7 | 1 | .
+
+    With bytes, the question alone is ~50 tokens, so only an attention window longer than that
+    could ever hold both the needle and its question; with this tokenizer the question is 5 tokens
+    and a window of 16 can. The vocabulary is fixed: the haystack's words (RULER's noise by
+    default; pass other ``text`` to add its words), the key words, digits and punctuation.
+    ``decode`` joins the pieces with spaces (the original spacing is not kept).
+    """
+
+    PHRASES = ("One of the special magic numbers for", "What is the special magic number for",
+               "is:", "? Answer:")
+
+    def __init__(self, text: str = RULER_NOISE):
+        words = re.findall(r"[A-Za-z]+|[^\sA-Za-z\d]", text)
+        pieces = ["<pad>", *self.PHRASES, *words, *"0123456789", "-", "?", ":", ".",
+                  *_ADJECTIVES, *_NOUNS]
+        self.pieces = list(dict.fromkeys(pieces))  # unique, in order
+        self.ids = {piece: i for i, piece in enumerate(self.pieces)}
+        self.vocab_size = len(self.pieces)
+        phrases = "|".join(re.escape(p) for p in sorted(self.PHRASES, key=len, reverse=True))
+        self._pattern = re.compile(rf"{phrases}|\d|[A-Za-z]+|[^\sA-Za-z\d]")
+
+    def encode(self, text: str) -> list[int]:
+        pieces = self._pattern.findall(text)
+        unknown = sorted({p for p in pieces if p not in self.ids})
+        if unknown:
+            raise ValueError(f"PhraseTokenizer does not know {unknown[:5]}: build it with "
+                             "PhraseTokenizer(text) from a text that contains them")
+        return [self.ids[p] for p in pieces]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return " ".join(self.pieces[int(i)] for i in ids)
+
+    def __repr__(self) -> str:
+        return f"PhraseTokenizer(vocab_size={self.vocab_size})"
 
 
 def sniah_lite_min_length(num_digits: int = 7, tokenizer=None) -> int:
