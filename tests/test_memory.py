@@ -752,3 +752,29 @@ def test_zero_length_call_is_a_no_op(chunk_gates):
         theta, eta, alpha = mem.gates(rand_x(T=0))
     assert y.shape == (2, 0, 8) and stats.surprise.shape == (2, 2, 0) and theta.shape[2] == 0
     assert_states_close(after, state, rtol=0, atol=0)
+
+
+def test_chunk_loop_runs_in_the_state_dtype_without_autocast(monkeypatch):
+    """Under autocast the projections may run in bf16, but the sequential chunk steps run in the
+    state's dtype (fp32) with autocast off: no per-op casts inside the loop (GPU speed issue,
+    lever 3), and the inner update is not rounded to bf16."""
+    from titans_mini import memory as memory_mod
+
+    seen = []
+    real = memory_mod.fast_chunk_update
+
+    def spy(W, S, keys, values, queries, *rest):
+        seen.append((torch.is_autocast_enabled("cpu"), W[0].dtype, keys.dtype,
+                     None if queries is None else queries.dtype))
+        return real(W, S, keys, values, queries, *rest)
+
+    monkeypatch.setattr(memory_mod, "fast_chunk_update", spy)
+    torch.manual_seed(0)
+    mem = NeuralMemory(32, heads=2, chunk_size=4)
+    x = torch.randn(2, 10, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, state = mem(x)
+        assert torch.is_autocast_enabled("cpu")  # restored after the loop
+    assert len(seen) == 2
+    assert all(s == (False, torch.float32, torch.float32, torch.float32) for s in seen), seen
+    assert state.weights[0].dtype == torch.float32 and torch.isfinite(y).all()

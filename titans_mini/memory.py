@@ -446,10 +446,13 @@ class NeuralMemory(nn.Module):
         state = self._checked_start(x, state)
         q, k, v, conv_context = self._project(x, state.conv_context)
         logits = self._gate_logits(x)
-        if self.writes:
-            reads, new_state, inner = run_chunks(self, q, k, v, logits, state, return_stats)
-        else:  # ablation: read the carried state, write nothing
-            reads, new_state, inner = read_only(self, q, k, v, state, return_stats)
+        # the memory's own loop runs in one dtype, the state's (fp32 unless the layer was
+        # converted): under autocast no per-op casts inside the sequential chunk steps
+        with torch.autocast(x.device.type, enabled=False):
+            if self.writes:
+                reads, new_state, inner = run_chunks(self, q, k, v, logits, state, return_stats)
+            else:  # ablation: read the carried state, write nothing
+                reads, new_state, inner = read_only(self, q, k, v, state, return_stats)
         new_state.conv_context = conv_context
         y = self._output(reads, x)
         if not return_stats:
@@ -516,6 +519,7 @@ def run_chunks(mem: NeuralMemory, q: Tensor, k: Tensor, v: Tensor, logits: Tenso
     batch, H, T, d = q.shape
     b, P = mem.chunk_size, state.pending
     wdtype = state.weights[0].dtype
+    q = q.to(wdtype)
     keys = torch.cat([state.pending_keys, k.to(state.pending_keys.dtype)], 2)  # (batch, H, N, d)
     values = torch.cat([state.pending_values, v.to(state.pending_values.dtype)], 2)
     raw_logits = torch.cat([state.pending_gates.to(logits.dtype), logits], 2)  # (.., N, G)
