@@ -106,7 +106,7 @@ def test_setup_cell_installs_only_on_colab(monkeypatch, capsys):
     cmd = calls[0][0][0]
     assert cmd[1:4] == ["-m", "pip", "install"]
     assert "-e" not in cmd and "--editable" not in cmd, "editable installs do not import on Colab"
-    assert any(arg.endswith(f"git+{ns.REPO_URL}@{ns.BRANCH}") for arg in cmd)
+    assert any(arg.endswith(f"git+{ns.REPO_URL}@{ns.RELEASE}") for arg in cmd)
     assert not any(re.search(r"\b(torch|ipywidgets)\b", arg) for arg in cmd), "never reinstall torch/ipywidgets"
     assert capsys.readouterr().out == "", "a successful install prints nothing"
 
@@ -171,3 +171,27 @@ def test_lessons_run_on_the_titans_mini_kernel_too():
 def test_readme_says_which_kernel_to_use():
     readme = (_ROOT / "README.md").read_text()
     assert "titans-mini" in readme and "python3" in readme and "Change kernel" in readme
+
+
+def test_badges_and_install_point_at_the_release_of_this_version():
+    """A notebook opened from a badge installs the library of the same release tag, so the code it
+    imports matches it (not whatever ``main`` holds by then)."""
+    import titans_mini
+
+    assert ns.RELEASE == f"v{titans_mini.__version__}", "pyproject.toml and titans_mini.__version__ differ"
+    assert f"@{ns.RELEASE}" in ns.SETUP_CELL and "@main" not in ns.SETUP_CELL
+    assert f"/blob/{ns.RELEASE}/" in ns.badge("notebooks/00_welcome.ipynb")
+    readme = (_ROOT / "README.md").read_text()
+    assert ns.fix_readme(readme) == readme, "README Colab links: run python -m tools.notebook_setup"
+    assert "/blob/main/" not in ns.fix_readme("https://colab.research.google.com/github/"
+                                              f"{ns.GITHUB_REPO}/blob/main/notebooks/x.ipynb")
+
+
+def test_code_hash_ignores_only_the_setup_cell():
+    nb = json.loads((_ROOT / "notebooks" / "00_welcome.ipynb").read_text())
+    before = render.code_hash(nb)
+    nb["cells"][1]["source"] = ns.SETUP_CELL.replace(ns.RELEASE, "v9.9.9")
+    assert render.code_hash(nb) == before, "a new release tag in the set-up cell needs no re-render"
+    code = [c for c in nb["cells"][2:] if c["cell_type"] == "code"][0]
+    code["source"] = "".join(code["source"]) + "\n# changed"
+    assert render.code_hash(nb) != before

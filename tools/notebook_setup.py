@@ -9,9 +9,13 @@ Every notebook in ``notebooks/``, ``solutions/`` and ``exercises/`` opens with
    repository URL, without touching Colab's torch or ipywidgets (pip keeps already-satisfied
    dependencies and only adds what is missing).
 
-The repository is named once, here (``GITHUB_REPO``). ``python -m tools.notebook_setup``
-rewrites the badge and set-up cell of every notebook to match; ``tests/test_notebook_conventions.py``
-fails when one drifts.
+The repository is named once, here (``GITHUB_REPO``). Badges and the install both point at the
+release tag ``RELEASE`` = ``v<version>`` (the version in ``pyproject.toml``), so a notebook opened
+from a badge installs the library of the same release: the notebook and the code it imports always
+match (a release is: bump the version, ``make exercises``, commit, ``git tag v<version>``, push the
+tag). ``python -m tools.notebook_setup`` rewrites the badge and set-up cell of every notebook and
+the Colab links of the README to match; ``tests/test_notebook_conventions.py`` fails when one
+drifts.
 """
 
 from __future__ import annotations
@@ -21,18 +25,26 @@ import re
 import sys
 from pathlib import Path
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+_ROOT = Path(__file__).resolve().parent.parent
 GITHUB_REPO = "titans-mini/titans_mini"
-BRANCH = "main"
+VERSION = tomllib.loads((_ROOT / "pyproject.toml").read_text())["project"]["version"]
+RELEASE = f"v{VERSION}"  # the git tag that badges and the Colab install point at
 REPO_URL = f"https://github.com/{GITHUB_REPO}"
 
 ROOT_DIRS = NOTEBOOK_DIRS = ("notebooks", "solutions", "exercises")
 
 SOURCE_SETTING = "TITANS_MINI_SOURCE"
-DEFAULT_SOURCE = f"titans_mini @ git+{REPO_URL}@{BRANCH}"
+DEFAULT_SOURCE = f"titans_mini @ git+{REPO_URL}@{RELEASE}"
 
 SETUP_CELL = f'''# Set-up: on Google Colab, install titans_mini; locally this cell does nothing.
 # (Colab's own torch and ipywidgets are kept: pip only adds what is missing.)
-# From a fork or a wheel instead: run  %env {SOURCE_SETTING}=<pip source>  first (see the README).
+# It installs release {RELEASE}, the one this notebook belongs to. From a fork or a wheel
+# instead: run  %env {SOURCE_SETTING}=<pip source>  first (see the README).
 import os
 import sys
 
@@ -52,7 +64,7 @@ _BADGE_RE = re.compile(r"\[!\[Open In Colab\]\([^)]*\)\]\([^)]*\)")
 
 def colab_url(relpath: str) -> str:
     """Colab link for a notebook path relative to the repository root."""
-    return f"https://colab.research.google.com/github/{GITHUB_REPO}/blob/{BRANCH}/{relpath}"
+    return f"https://colab.research.google.com/github/{GITHUB_REPO}/blob/{RELEASE}/{relpath}"
 
 
 def badge(relpath: str) -> str:
@@ -113,9 +125,22 @@ def all_notebooks(root: Path) -> list[Path]:
     return sorted(p for d in NOTEBOOK_DIRS for p in (root / d).glob("*.ipynb"))
 
 
+_README_COLAB_RE = re.compile(
+    r"https://colab\.research\.google\.com/github/" + re.escape(GITHUB_REPO) + r"/blob/[^/]+/")
+
+
+def fix_readme(text: str) -> str:
+    """The README's Colab links, pointed at ``RELEASE``."""
+    return _README_COLAB_RE.sub(colab_url(""), text)
+
+
 def main(argv: list[str] | None = None) -> int:
-    root = Path(__file__).resolve().parent.parent
+    root = _ROOT
     changed = 0
+    readme = root / "README.md"
+    if readme.exists() and fix_readme(readme.read_text()) != readme.read_text():
+        readme.write_text(fix_readme(readme.read_text()))
+        print("fixed README.md Colab links")
     for path in all_notebooks(root):
         rel = path.relative_to(root).as_posix()
         nb = json.loads(path.read_text())

@@ -36,10 +36,18 @@ FIGURE_DPI = 72  # small PNGs: the repository stays lean
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 
 
+def _is_setup_cell(cell: dict) -> bool:
+    """The shared set-up cell (tools/notebook_setup.py): it does nothing outside Colab, so it
+    cannot change a local run's outputs; a new release tag in it needs no re-render."""
+    src = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+    return cell["cell_type"] == "code" and src.startswith("# Set-up: on Google Colab")
+
+
 def code_hash(nb: dict) -> str:
-    """sha256 of the notebook's code cells, in order (what produced the stored outputs)."""
+    """sha256 of the notebook's code cells, in order (what produced the stored outputs), except
+    the shared set-up cell."""
     sources = ["".join(c["source"]) if isinstance(c["source"], list) else c["source"]
-               for c in nb["cells"] if c["cell_type"] == "code"]
+               for c in nb["cells"] if c["cell_type"] == "code" and not _is_setup_cell(c)]
     return hashlib.sha256(json.dumps(sources, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
