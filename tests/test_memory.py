@@ -778,3 +778,81 @@ def test_chunk_loop_runs_in_the_state_dtype_without_autocast(monkeypatch):
     assert len(seen) == 2
     assert all(s == (False, torch.float32, torch.float32, torch.float32) for s in seen), seen
     assert state.weights[0].dtype == torch.float32 and torch.isfinite(y).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Miras attentional biases (Huber, ℓp): a switch; the chunked route still equals the token loop
+# ---------------------------------------------------------------------------------------------
+
+BIASES = [("huber", 0.1), ("lp", 3.0), ("lp", 1.5)]
+
+
+@pytest.mark.parametrize("bias,param", [("l2", None), *BIASES])
+def test_attentional_bias_grad_is_the_gradient_of_its_loss(bias, param):
+    from titans_mini.functional import attentional_bias_grad, attentional_bias_loss
+
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(3, 5, 7, dtype=torch.float64, generator=g).requires_grad_(True)
+    target = torch.randn(3, 5, 7, dtype=torch.float64, generator=g)
+    loss = attentional_bias_loss(pred, target, bias, param)
+    assert loss.shape == (3, 5)
+    (auto,) = torch.autograd.grad(loss.sum(), pred)
+    torch.testing.assert_close(attentional_bias_grad(pred - target, bias, param), auto)
+
+
+def test_attentional_bias_special_cases_reduce_to_l2():
+    from titans_mini.functional import associative_loss, attentional_bias_loss
+
+    p, t = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    l2 = associative_loss(p, t)
+    torch.testing.assert_close(attentional_bias_loss(p, t, "lp", 2.0), l2)
+    torch.testing.assert_close(attentional_bias_loss(p, t, "huber", 100.0), l2)  # δ above every |e|
+    assert (attentional_bias_loss(p, t, "huber", 0.1) < l2).all()  # linear tails beyond δ
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4])
+@pytest.mark.parametrize("depth,residual_norm", [(1, True), (2, True), (2, False)])
+@pytest.mark.parametrize("bias,param", BIASES)
+def test_attentional_bias_fast_path_matches_sequential_reference(bias, param, depth, residual_norm,
+                                                                 chunk_size):
+    mem = make(chunk_size=chunk_size, depth=depth, residual_norm=residual_norm, heads=2,
+               attentional_bias=bias, bias_param=param)
+    x = rand_x(T=13)
+    with torch.no_grad():
+        y, state, stats = mem(x, return_stats=True)
+        y_ref, state_ref, stats_ref = sequential_reference(mem, x, return_stats=True)
+    tol = dict(rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(y, y_ref, **tol)
+    assert_states_close(state, state_ref, **tol)
+    assert_stats_close(stats, stats_ref, **tol)
+    # and the switch does something: the same layer with the ℓ2 loss ends elsewhere
+    mem.attentional_bias, mem.bias_param = "l2", None
+    with torch.no_grad():
+        _, state_l2 = mem(x)
+    assert max((a - b).abs().max().item() for a, b in zip(state.weights, state_l2.weights)) > 1e-6
+
+
+@pytest.mark.parametrize("bias,param", BIASES[:2])
+def test_attentional_bias_outer_gradients_and_flush_match_reference(bias, param):
+    mem = make(depth=2, heads=2, chunk_size=4, attentional_bias=bias, bias_param=param)
+    x = rand_x(T=11).requires_grad_(True)
+    y, state = mem(x)
+    state = mem.flush(state)
+    loss = y.sin().sum() + sum(w.square().sum() for w in state.weights)
+    grads = torch.autograd.grad(loss, [x, *mem.parameters()])
+    y_ref, state_ref = sequential_reference(mem, x, flush=True)
+    loss_ref = y_ref.sin().sum() + sum(w.square().sum() for w in state_ref.weights)
+    grads_ref = torch.autograd.grad(loss_ref, [x, *mem.parameters()])
+    for g, gr in zip(grads, grads_ref):
+        torch.testing.assert_close(g, gr, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(attentional_bias="l1"), "attentional_bias must be one of"),
+    (dict(attentional_bias="l2", bias_param=2.0), "no parameter"),
+    (dict(attentional_bias="huber", bias_param=0.0), "Huber"),
+    (dict(attentional_bias="lp", bias_param=0.5), "ℓp"),
+])
+def test_attentional_bias_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        NeuralMemory(16, **kwargs)

@@ -9,6 +9,8 @@ we derived, §Dn: our decisions where the paper is ambiguous). Built in lessons 
 Contents
 
 * :func:`associative_loss`     ℓ(Φ) = ½‖M(k; Φ) − v‖²  (paper eq. 12; paper-map §D1: ½ and a *sum*)
+* :func:`attentional_bias_loss`, :func:`attentional_bias_grad`   the inner loss as a switch, after
+                               Miras (arXiv 2504.13173): ℓ2 (Titans, the default), Huber, ℓp
 * :func:`memory_forward`       M(x; Φ) for the three memory kinds of paper-map §D4, keeping what the
                                backward needs
 * :func:`memory_backward`      δ^{(l)} = ∂ℓ/∂z^{(l)}, the per-token back-propagated errors, by hand
@@ -43,7 +45,11 @@ from .scan import segsum
 __all__ = [
     "MEMORY_KINDS",
     "ChunkCoefficients",
+    "ATTENTIONAL_BIASES",
     "associative_loss",
+    "attentional_bias_grad",
+    "attentional_bias_loss",
+    "check_attentional_bias",
     "causal_conv",
     "chunk_coefficients",
     "chunk_coefficients_recurrence",
@@ -158,6 +164,56 @@ def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
 def associative_loss(prediction: Tensor, target: Tensor) -> Tensor:
     """ℓ = ½‖M(k) − v‖², summed over the feature (last) dimension (§D1). Shape: prediction[..., 0]."""
     return 0.5 * (prediction - target).pow(2).sum(-1)
+
+
+# Miras (arXiv 2504.13173) calls the memory's inner loss its *attentional bias*; Titans' is ℓ2.
+ATTENTIONAL_BIASES = ("l2", "huber", "lp")
+_DEFAULT_BIAS_PARAM = {"l2": None, "huber": 1.0, "lp": 3.0}
+
+
+def check_attentional_bias(bias: str, param: float | None) -> float | None:
+    """Validate an attentional bias and return its parameter (δ for Huber, p for ℓp; filled in
+    with the default when None)."""
+    if bias not in ATTENTIONAL_BIASES:
+        raise ValueError(f"attentional_bias must be one of {ATTENTIONAL_BIASES}, got {bias!r}")
+    if bias == "l2":
+        if param is not None:
+            raise ValueError("the l2 attentional bias has no parameter; leave bias_param=None")
+        return None
+    param = _DEFAULT_BIAS_PARAM[bias] if param is None else float(param)
+    low, what = (0.0, "> 0 (Huber's δ)") if bias == "huber" else (1.0, ">= 1 (the p of ℓp)")
+    if not (param > low if bias == "huber" else param >= low) or not math.isfinite(param):
+        raise ValueError(f"bias_param must be {what}, got {param}")
+    return param
+
+
+def attentional_bias_loss(prediction: Tensor, target: Tensor, bias: str = "l2",
+                          param: float | None = None) -> Tensor:
+    """The memory's inner loss per token, summed over features, e = prediction − target:
+
+    * ``"l2"``     ½‖e‖²                                    Titans (paper eq. 12), the default
+    * ``"huber"``  Σ_i h_δ(e_i), h_δ(x) = ½x² for |x| ≤ δ, δ(|x| − ½δ) beyond   (Yaad in Miras:
+                   robust to outlier values; δ = ``param``)
+    * ``"lp"``     (1/p) Σ_i |e_i|^p                        (Moneta in Miras; p = 2 is ℓ2)
+
+    Shape: prediction[..., 0]."""
+    e = prediction - target
+    if bias == "l2":
+        return 0.5 * e.pow(2).sum(-1)
+    if bias == "huber":
+        return F.huber_loss(e, torch.zeros_like(e), reduction="none", delta=param).sum(-1)
+    return e.abs().pow(param).sum(-1) / param
+
+
+def attentional_bias_grad(err: Tensor, bias: str = "l2", param: float | None = None) -> Tensor:
+    """∂ℓ/∂prediction of :func:`attentional_bias_loss`, from the error err = prediction − target:
+    err (ℓ2), clamp(err, −δ, δ) (Huber), |err|^(p−1)·sign(err) (ℓp). The chunked route needs
+    nothing else: every other step is linear in this per-token output gradient."""
+    if bias == "l2":
+        return err
+    if bias == "huber":
+        return err.clamp(-param, param)
+    return err.abs().pow(param - 1) * err.sign()
 
 
 def gelu_derivative(z: Tensor) -> Tensor:
@@ -437,7 +493,8 @@ def linear_memory_chunk(W: Tensor, S: Tensor, K: Tensor, V: Tensor, Q: Tensor,
 
 
 def chunk_update(weights, momentum, keys: Tensor, values: Tensor, queries: Tensor | None,
-                 coeffs: ChunkCoefficients, kind: str, max_grad_norm: float | None = None):
+                 coeffs: ChunkCoefficients, kind: str, max_grad_norm: float | None = None,
+                 bias: str = "l2", bias_param: float | None = None):
     """One chunk of the Titans memory: every token reads, and takes its gradient at, the
     chunk-start state; the chunk's end state follows the exact per-token recurrences.
 
@@ -447,7 +504,8 @@ def chunk_update(weights, momentum, keys: Tensor, values: Tensor, queries: Tenso
 
     1. read:      y = M(queries; Φ_start)                            (no write)
     2. errors:    δ_s^{(l)} of ℓ_s = ½‖M(k_s; Φ_start) − v_s‖² for every token s and layer l,
-                  by the hand-written backward (:func:`memory_backward`)
+                  by the hand-written backward (:func:`memory_backward`); another attentional
+                  bias (``bias``, :func:`attentional_bias_loss`) only changes ∂ℓ_s/∂M(k_s)
     3. write:     Φ_end = A·Φ + B·S − (c ⊙ Δ)ᵀX,   S_end = E·S − (d ⊙ Δ)ᵀX     per layer,
                   where (c ⊙ Δ)ᵀX = Σ_s c_s δ_s x_sᵀ = Σ_s c_s g_s never forms a per-token gradient
 
@@ -461,7 +519,7 @@ def chunk_update(weights, momentum, keys: Tensor, values: Tensor, queries: Tenso
     """
     reads = None if queries is None else memory_forward(weights, queries, kind)
     out, cache = memory_forward(weights, keys, kind, keep=True)
-    err = out - values  # ∂ℓ_s/∂M(k_s)
+    err = attentional_bias_grad(out - values, bias, bias_param)  # ∂ℓ_s/∂M(k_s)
     deltas = memory_backward(weights, cache, err)  # δ^{(l)}: (..., n, out_l)
     xs = cache["inputs"]  # x^{(l)}: (..., n, in_l)
     grad_norm = token_grad_norm(deltas, xs)
@@ -479,4 +537,5 @@ def chunk_update(weights, momentum, keys: Tensor, values: Tensor, queries: Tenso
         sum_d = torch.matmul((delta * d[..., i: i + 1]).transpose(-1, -2), x)  # Σ_s d_s g_s
         new_weights.append(A * w + B * s - sum_c)
         new_momentum.append(E * s - sum_d)
-    return new_weights, new_momentum, reads, associative_loss(out, values), grad_norm
+    surprise = attentional_bias_loss(out, values, bias, bias_param)
+    return new_weights, new_momentum, reads, surprise, grad_norm

@@ -46,8 +46,10 @@ from torch import Tensor, nn
 
 from . import device
 from .functional import (
-    associative_loss,
+    attentional_bias_grad,
+    attentional_bias_loss,
     causal_conv,
+    check_attentional_bias,
     chunk_coefficients,
     clip_factor,
     gate_values,
@@ -152,7 +154,8 @@ class MemoryStats:
     """Per-token diagnostics of one call (for lessons and plots).
 
     reads      (B, H, T, d_head)  raw retrievals M*(q_t) before output norm, gate and projection
-    surprise   (B, H, T)  ℓ_t = ½‖M(k_t) − v_t‖² at the state where token t's gradient is taken
+    surprise   (B, H, T)  ℓ_t = ½‖M(k_t) − v_t‖² (or the layer's attentional bias) at the state
+               where token t's gradient is taken
     grad_norm  (B, H, T)  ‖∇_Φ ℓ_t‖ over all memory layers, from ‖δ^{(l)}‖·‖x^{(l)}‖ (before
                any clipping)
     theta      (B, H, T), or (B, H, T, depth) with per-layer step sizes
@@ -267,6 +270,11 @@ class NeuralMemory(nn.Module):
         checkpoint_chunks: k ≥ 1 recomputes the chunks in groups of k during the backward
             (activation checkpointing: same values and gradients, much less memory, about one
             extra forward; k ≈ √(number of chunks) keeps the least). 0 (default) keeps all.
+        attentional_bias, bias_param: the inner loss, after Miras (arXiv 2504.13173): "l2"
+            (½‖M(k) − v‖², Titans, the default), "huber" (δ = bias_param, default 1) or "lp"
+            ((1/p)Σ|e_i|^p, p = bias_param, default 3); see
+            :func:`titans_mini.functional.attentional_bias_loss`. Surprise statistics report
+            this loss.
     """
 
     #: Check a carried state for NaN/inf at every call? None (default): only when the state is
@@ -285,13 +293,16 @@ class NeuralMemory(nn.Module):
                  eta_init: float = 0.9, alpha_init: float = 0.05,
                  per_layer_theta: bool = False, chunk_gates: bool = False,
                  max_grad_norm: float | None = None, compile_chunks: bool = False,
-                 checkpoint_chunks: int = 0):
+                 checkpoint_chunks: int = 0, attentional_bias: str = "l2",
+                 bias_param: float | None = None):
         super().__init__()
         kind, theta_max, theta_init = _checked_arguments(
             dim=dim, heads=heads, depth=depth, expansion=expansion, chunk_size=chunk_size,
             conv_kernel=conv_kernel, residual_norm=residual_norm, theta_max=theta_max, theta_init=theta_init,
             eta_init=eta_init, alpha_init=alpha_init, max_grad_norm=max_grad_norm,
             compile_chunks=compile_chunks, checkpoint_chunks=checkpoint_chunks)
+        self.attentional_bias = attentional_bias
+        self.bias_param = check_attentional_bias(attentional_bias, bias_param)
 
         self.dim, self.heads, self.depth = dim, heads, depth
         self.d_head = dim // heads
@@ -552,7 +563,8 @@ def run_chunks(mem: NeuralMemory, q: Tensor, k: Tensor, v: Tensor, logits: Tenso
 
         def one_chunk(i, W, S):  # read at the chunk-start state, then write the chunk
             W, S, *out = step(W, S, k_chunks[i], v_chunks[i], q_chunks[i], factors[i], mem.kind,
-                              mem.max_grad_norm, need_stats, inplace)
+                              mem.max_grad_norm, need_stats, inplace, mem.attentional_bias,
+                              mem.bias_param)
             return W, S, out
 
         group = mem.checkpoint_chunks if torch.is_grad_enabled() else 0
@@ -597,8 +609,9 @@ def _surprise_at(mem: NeuralMemory, W, keys: Tensor, values: Tensor):
     rows, n, d = W[0].shape[0], keys.shape[2], mem.d_head
     kr, vr = keys.reshape(rows, n, d), values.reshape(rows, n, d)
     out, cache = memory_forward(W, kr, mem.kind, keep=True)
-    gn = token_grad_norm(memory_backward(W, cache, out - vr), cache["inputs"])
-    return associative_loss(out, vr), gn
+    grad_out = attentional_bias_grad(out - vr, mem.attentional_bias, mem.bias_param)
+    gn = token_grad_norm(memory_backward(W, cache, grad_out), cache["inputs"])
+    return attentional_bias_loss(out, vr, mem.attentional_bias, mem.bias_param), gn
 
 
 def read_only(mem: NeuralMemory, q: Tensor, k: Tensor, v: Tensor, state: MemoryState,
@@ -633,7 +646,8 @@ def write_pending(mem: NeuralMemory, state: MemoryState) -> MemoryState:
     pending = lambda t: t.reshape(rows, P, mem.d_head)
     W, S, _, _, _ = fast_chunk_update(W, S, pending(state.pending_keys),  # eager: a partial chunk
                                       pending(state.pending_values), None, factors, mem.kind,
-                                      mem.max_grad_norm, False, False)
+                                      mem.max_grad_norm, False, False, mem.attentional_bias,
+                                      mem.bias_param)
     empty = state.pending_keys[:, :, :0]
     H = mem.heads
     return replace(state, weights=tuple(w.reshape(batch, H, *w.shape[1:]) for w in W),
@@ -658,7 +672,8 @@ def _token_gradient(mem: NeuralMemory, W: tuple[Tensor, ...], k: Tensor, v: Tens
         Wg = tuple(w * 1.0 if create_graph and w.requires_grad else w.detach().requires_grad_(True)
                    for w in W)
         pred = mem.memory_fn(Wg, k.unsqueeze(-2)).squeeze(-2)  # (B, H, d)
-        loss = associative_loss(pred, v)  # (B, H): ½‖M(k) − v‖²
+        # (B, H): ½‖M(k) − v‖², or the layer's other attentional bias; autograd differentiates it
+        loss = attentional_bias_loss(pred, v, mem.attentional_bias, mem.bias_param)
         # the (batch, head) memories are independent, so the gradient of the sum is per memory
         grads = torch.autograd.grad(loss.sum(), Wg, create_graph=create_graph)
     if not create_graph:

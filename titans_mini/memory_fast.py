@@ -33,6 +33,8 @@ from torch import Tensor
 
 from .functional import (
     ChunkCoefficients,
+    attentional_bias_grad,
+    attentional_bias_loss,
     clip_factor,
     memory_backward,
     memory_forward,
@@ -128,7 +130,8 @@ def _batch_dot(u: Tensor, v: Tensor) -> Tensor:
 
 
 def fast_chunk_update(W, S, keys, values, queries, factors: UpdateFactors, kind: str,
-                      max_grad_norm: float | None, need_stats: bool, inplace: bool):
+                      max_grad_norm: float | None, need_stats: bool, inplace: bool,
+                      bias: str = "l2", bias_param: float | None = None):
     """:func:`titans_mini.functional.chunk_update` for N = batch·heads rows, fast.
 
     W, S: lists of (N, out, in); keys, values: (N, n, d); queries: (N, m, d) or None;
@@ -155,14 +158,15 @@ def fast_chunk_update(W, S, keys, values, queries, factors: UpdateFactors, kind:
     else:
         out, cache = memory_forward(W, keys, kind, keep=True)
         reads = None
-    err = out - values  # ∂ℓ_s/∂M(k_s), (N, n, d)
-    deltas = memory_backward(W, cache, err)  # δ^{(l)}: (N, n, out_l)
+    err = out - values  # prediction error, (N, n, d)
+    grad_out = attentional_bias_grad(err, bias, bias_param)  # ∂ℓ_s/∂M(k_s) (= err for ℓ2)
+    deltas = memory_backward(W, cache, grad_out)  # δ^{(l)}: (N, n, out_l)
     xs = cache["inputs"]  # X^{(l)}: (N, n, in_l)
     neg_c, neg_d, A, B, E = factors
     surprise = grad_norm = None
     if need_stats or max_grad_norm is not None:
         grad_norm = token_grad_norm(deltas, xs)
-        surprise = 0.5 * err.pow(2).sum(-1)
+        surprise = attentional_bias_loss(out, values, bias, bias_param)
         f = clip_factor(grad_norm, max_grad_norm)
         if f is not None:
             neg_c, neg_d = neg_c * f.unsqueeze(-1), neg_d * f.unsqueeze(-1)
