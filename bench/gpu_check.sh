@@ -48,10 +48,8 @@ for part in $PARTS; do
         2>&1 | tee "$OUT/model_bench_cuda.txt" ;;
     speed)
       {
-        timeout 60 python3 bench/model_bench.py --device cuda --amp --presets colab-t4 \
-          --variants transformer mag mac
-        TORCH_LOGS=recompiles timeout 130 python3 bench/model_bench.py --device cuda --amp \
-          --presets colab-t4 --variants transformer mag --compile-chunks
+        TORCH_LOGS=recompiles timeout 190 python3 bench/model_bench.py --device cuda --amp \
+          --presets colab-t4 --variants transformer mag mac --paths eager compiled
         timeout 45 python3 bench/model_bench.py --device cuda --amp --presets colab-t4 \
           --variants transformer mag --checkpoint-chunks 8
       } 2>&1 | tee "$OUT/speed_cuda.txt" ;;

@@ -4,7 +4,7 @@
     python bench/model_bench.py --device cuda        # GPU: colab-t4 at its full context
     python bench/model_bench.py --presets tiny --variants transformer mag --steps 5
     python bench/model_bench.py --device cuda --amp --presets colab-t4 \
-        --variants transformer mag mac --compile-chunks   # torch.compile the memory chunk step
+        --paths eager compiled       # every memory variant eager and with the compiled chunk step
     python bench/model_bench.py --device cuda --amp --presets colab-t4 --checkpoint-chunks 6
 
 One training step = forward, cross-entropy, backward, AdamW step. Every (preset, variant) runs
@@ -17,9 +17,10 @@ in its own subprocess, so peak memory is not polluted by earlier runs:
   resident set size (Linux VmHWM, reset through /proc/self/clear_refs) minus the resident size
   before the first step. Includes activations, gradients and AdamW's state.
 
-``--compile-chunks`` builds the memory variants with ``TitansConfig(compile_chunks=True)``
-(each chunk update through ``torch.compile``); the compile happens in the warm-up steps, so
-keep ``--warmup`` >= 1 (the default). ``--checkpoint-chunks K`` recomputes the memory's chunks
+``--paths eager compiled`` measures every memory variant on each path in the same run: ``eager``
+(the default) and ``compiled`` (``TitansConfig(compile_chunks=True)``: each chunk update through
+``torch.compile``; the compile happens in the warm-up steps, so keep ``--warmup`` >= 1, the
+default). The baselines have no memory and run once. ``--checkpoint-chunks K`` recomputes the memory's chunks
 in groups of K in the backward (``TitansConfig(checkpoint_chunks=K)``): less memory, more time.
 
 Ratios are to ``transformer`` in the same run on the same device. The script prints a Markdown
@@ -158,8 +159,9 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, help="override the number of timed steps")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--amp", action="store_true", help="CUDA autocast (bf16 on >= sm80, else fp16)")
-    p.add_argument("--compile-chunks", action="store_true",
-                   help="torch.compile each memory chunk update (TitansConfig.compile_chunks)")
+    p.add_argument("--paths", nargs="+", default=["eager"], choices=["eager", "compiled"],
+                   help="memory paths to measure: eager and/or compiled (TitansConfig.compile_chunks)")
+    p.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)  # internal: child
     p.add_argument("--checkpoint-chunks", type=int, default=0, metavar="K",
                    help="recompute memory chunks in groups of K in the backward (0 = off)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads for the CPU (default: torch's)")
@@ -175,7 +177,7 @@ def main(argv=None) -> None:
         preset, variant = args.presets[0], args.variants[0]
         batch, seq_len, steps = DEFAULTS.get((preset, kind), (4, 128, 3))
         res = run_one(preset, variant, args.device, args.batch or batch, args.seq_len or seq_len,
-                      args.steps or steps, args.warmup, args.amp, args.compile_chunks,
+                      args.steps or steps, args.warmup, args.amp, args.compiled,
                       args.checkpoint_chunks)
         print("RESULT " + json.dumps(res))
         return
@@ -184,45 +186,47 @@ def main(argv=None) -> None:
     if "transformer" not in variants:
         variants.insert(0, "transformer")  # ratios need the reference
     print(f"device: {describe_device(args.device)}"
-          + (", memory chunk step compiled" if args.compile_chunks else "")
           + (f", memory chunks checkpointed in groups of {args.checkpoint_chunks}"
              if args.checkpoint_chunks else ""))
     rows = []
-    for preset in args.presets:
-        for variant in variants:
-            cmd = [sys.executable, os.path.abspath(__file__), "--one", "--device", args.device,
-                   "--presets", preset, "--variants", variant, "--warmup", str(args.warmup)]
-            for flag, value in (("--batch", args.batch), ("--seq-len", args.seq_len),
-                                ("--steps", args.steps)):
-                if value is not None:
-                    cmd += [flag, str(value)]
-            if args.amp:
-                cmd.append("--amp")
-            if args.compile_chunks:
-                cmd.append("--compile-chunks")
-            if args.checkpoint_chunks:
-                cmd += ["--checkpoint-chunks", str(args.checkpoint_chunks)]
-            if args.threads:
-                cmd += ["--threads", str(args.threads)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                print(f"{preset}/{variant} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-                continue
-            res = json.loads(lines[-1][len("RESULT "):])
-            rows.append(res)
-            print(f"  {preset:9s} {variant:12s} {res['tok_s']:10.0f} tok/s  {res['peak_mib']:8.1f} MiB",
-                  file=sys.stderr)
+    runs = [(preset, variant, path) for preset in args.presets for variant in variants
+            for path in (args.paths if variant in ("lmm", "mag", "mal", "mac") else ["eager"])]
+    for preset, variant, path in runs:
+        cmd = [sys.executable, os.path.abspath(__file__), "--one", "--device", args.device,
+               "--presets", preset, "--variants", variant, "--warmup", str(args.warmup)]
+        for flag, value in (("--batch", args.batch), ("--seq-len", args.seq_len),
+                            ("--steps", args.steps)):
+            if value is not None:
+                cmd += [flag, str(value)]
+        if args.amp:
+            cmd.append("--amp")
+        if path == "compiled":
+            cmd.append("--compiled")
+        if args.checkpoint_chunks:
+            cmd += ["--checkpoint-chunks", str(args.checkpoint_chunks)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            print(f"{preset}/{variant} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+            continue
+        res = json.loads(lines[-1][len("RESULT "):]) | {"path": path}
+        rows.append(res)
+        print(f"  {preset:9s} {variant:12s} {path:8s} {res['tok_s']:10.0f} tok/s  "
+              f"{res['peak_mib']:8.1f} MiB", file=sys.stderr)
 
     print()
-    print("| preset | variant | params | batch×seq | tokens/s | × transformer | peak MiB | × transformer |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| preset | variant | path | params | batch×seq | tokens/s | × transformer | peak MiB "
+          "| × transformer |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for preset in args.presets:
         ref = next((r for r in rows if r["preset"] == preset and r["variant"] == "transformer"), None)
         for r in (r for r in rows if r["preset"] == preset):
             speed = r["tok_s"] / ref["tok_s"] if ref else float("nan")
             mem = r["peak_mib"] / ref["peak_mib"] if ref and ref["peak_mib"] > 0 else float("nan")
-            print(f"| {preset} | {r['variant']} | {r['params'] / 1e6:.2f}M | {r['batch']}×{r['seq_len']} "
+            print(f"| {preset} | {r['variant']} | {r['path']} | {r['params'] / 1e6:.2f}M "
+                  f"| {r['batch']}×{r['seq_len']} "
                   f"| {r['tok_s']:.0f} | {speed:.2f} | {r['peak_mib']:.1f} | {mem:.2f} |")
 
 
