@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from titans_mini.checks import (
     CHECKS,
+    accuracy_by_distance,
     causal_depthwise_conv,
     chunk_coefficients,
     deep_memory_forward,
@@ -25,6 +26,8 @@ from titans_mini.checks import (
     linear_chunk_update,
     memory_gates,
     memory_output,
+    memory_sees_fact,
+    mqar_row,
     parallel_scan,
     recall_accuracy,
     rnn_forward,
@@ -36,6 +39,7 @@ from titans_mini.checks import (
 
 __all__ = [
     "CHECKS",
+    "accuracy_by_distance",
     "causal_depthwise_conv",
     "chunk_coefficients",
     "deep_memory_forward",
@@ -49,6 +53,8 @@ __all__ = [
     "linear_chunk_update",
     "memory_gates",
     "memory_output",
+    "memory_sees_fact",
+    "mqar_row",
     "parallel_scan",
     "recall_accuracy",
     "rnn_forward",

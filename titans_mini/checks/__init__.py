@@ -18,6 +18,8 @@ module                        checks
                               ``chunk_coefficients``, ``parallel_scan``, ``linear_chunk_update``
 ``lesson07``                  07 the memory layer: ``causal_depthwise_conv``, ``memory_gates``,
                               ``memory_output``
+``lesson10``                  10 recall beyond the window: ``mqar_row``, ``accuracy_by_distance``,
+                              ``memory_sees_fact``
 ============================  =================================================================
 
 Learners use them as ``from titans_mini import check; check.<name>(my_function)`` (the module
@@ -49,6 +51,7 @@ from titans_mini.checks import (
     lesson05,
     lesson06,
     lesson07,
+    lesson10,
 )
 from titans_mini.checks.framework import Check
 from titans_mini.checks.lesson00 import l2_normalize
@@ -59,6 +62,7 @@ from titans_mini.checks.lesson04 import gated_delta_step, titans_memory_step
 from titans_mini.checks.lesson05 import deep_memory_forward, deep_memory_grads, layer_norm_backward
 from titans_mini.checks.lesson06 import chunk_coefficients, linear_chunk_update, parallel_scan
 from titans_mini.checks.lesson07 import causal_depthwise_conv, memory_gates, memory_output
+from titans_mini.checks.lesson10 import accuracy_by_distance, memory_sees_fact, mqar_row
 
 __all__ = [
     "CHECKS",
@@ -71,9 +75,10 @@ __all__ = [
     "deep_memory_forward", "layer_norm_backward", "deep_memory_grads",
     "chunk_coefficients", "parallel_scan", "linear_chunk_update",
     "causal_depthwise_conv", "memory_gates", "memory_output",
+    "mqar_row", "accuracy_by_distance", "memory_sees_fact",
 ]
 
-LESSONS = (lesson00, lesson01, lesson02, lesson03, lesson04, lesson05, lesson06, lesson07)
+LESSONS = (lesson00, lesson01, lesson02, lesson03, lesson04, lesson05, lesson06, lesson07, lesson10)
 
 # every check by name, in lesson order
 CHECKS: dict[str, Check] = {name: getattr(module, name) for module in LESSONS for name in module.__all__}
