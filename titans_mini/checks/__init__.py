@@ -18,6 +18,10 @@ module                        checks
                               ``chunk_coefficients``, ``parallel_scan``, ``linear_chunk_update``
 ``lesson07``                  07 the memory layer: ``causal_depthwise_conv``, ``memory_gates``,
                               ``memory_output``
+``lesson08``                  08 persistent memory: ``persistent_attention_mask``,
+                              ``attention_with_persistent``
+``lesson09``                  09 MAC, MAG and MAL: ``mac_attention_mask``, ``mac_final_read``,
+                              ``memory_gate``
 ``lesson10``                  10 recall beyond the window: ``mqar_row``, ``accuracy_by_distance``,
                               ``memory_sees_fact``
 ============================  =================================================================
@@ -51,6 +55,8 @@ from titans_mini.checks import (
     lesson05,
     lesson06,
     lesson07,
+    lesson08,
+    lesson09,
     lesson10,
 )
 from titans_mini.checks.framework import Check
@@ -62,6 +68,8 @@ from titans_mini.checks.lesson04 import gated_delta_step, titans_memory_step
 from titans_mini.checks.lesson05 import deep_memory_forward, deep_memory_grads, layer_norm_backward
 from titans_mini.checks.lesson06 import chunk_coefficients, linear_chunk_update, parallel_scan
 from titans_mini.checks.lesson07 import causal_depthwise_conv, memory_gates, memory_output
+from titans_mini.checks.lesson08 import attention_with_persistent, persistent_attention_mask
+from titans_mini.checks.lesson09 import mac_attention_mask, mac_final_read, memory_gate
 from titans_mini.checks.lesson10 import accuracy_by_distance, memory_sees_fact, mqar_row
 
 __all__ = [
@@ -75,10 +83,13 @@ __all__ = [
     "deep_memory_forward", "layer_norm_backward", "deep_memory_grads",
     "chunk_coefficients", "parallel_scan", "linear_chunk_update",
     "causal_depthwise_conv", "memory_gates", "memory_output",
+    "persistent_attention_mask", "attention_with_persistent",
+    "mac_attention_mask", "mac_final_read", "memory_gate",
     "mqar_row", "accuracy_by_distance", "memory_sees_fact",
 ]
 
-LESSONS = (lesson00, lesson01, lesson02, lesson03, lesson04, lesson05, lesson06, lesson07, lesson10)
+LESSONS = (lesson00, lesson01, lesson02, lesson03, lesson04, lesson05, lesson06, lesson07, lesson08,
+           lesson09, lesson10)
 
 # every check by name, in lesson order
 CHECKS: dict[str, Check] = {name: getattr(module, name) for module in LESSONS for name in module.__all__}
