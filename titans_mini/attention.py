@@ -1,7 +1,8 @@
 """Attention for titans_mini: causal / sliding-window attention, RoPE, persistent memory, KV cache.
 
-Lessons: 01 measures what full attention costs (written by hand there); 08–10 (coming) use this
-module for persistent memory, MAC / MAG / MAL and the sliding-window baselines.
+Lessons: 01 measures what full attention costs (written by hand there); 08 builds the persistent
+prefix by hand, 09 the MAC attention input over [P ‖ h ‖ segment]; 10 uses the sliding-window
+baselines.
 
 This is the *short-term memory* ("core") of Titans [paper v1 §4]. One module covers every use in
 the library:

@@ -1,6 +1,7 @@
 """Titans language models (MAC, MAG, MAL, LMM) and the Transformer++ / SWA baselines.
 
-Lessons: 08–12 (coming) build and compare these models; lessons 02–07 build the memory they use.
+Lessons: 08 adds persistent tokens to the SWA baseline; 09 builds MAC, MAG and MAL by hand and
+compares the variants; 10–12 (coming) use them; lessons 02–07 build the memory they use.
 
 Every model is a stack of Llama-style pre-norm residual blocks [paper v1 §4.4]::
 

@@ -1,6 +1,6 @@
 """Synthetic tasks that probe memory: MQAR, S-NIAH-lite, selective copying and surprise streams.
 
-Lessons: 03 uses the surprise stream; 07 trains on MQAR; 09–10 (coming) use MQAR and
+Lessons: 03 uses the surprise stream; 07 trains on MQAR; 09 compares the variants on MQAR; 10 (coming) uses MQAR and
 S-NIAH-lite for recall beyond the attention window.
 
 Every generator is a plain function of its parameters and a ``seed``; the same arguments give the
