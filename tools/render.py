@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -103,18 +104,19 @@ def render(path: Path, timeout: int = 3600) -> float:
     env_backup = dict(os.environ)
     os.environ.pop("TITANS_FAST", None)
     os.environ.pop("MPLBACKEND", None)  # the kernel's inline backend: figures become outputs
-    # a small figure resolution for the inline backend (read by matplotlib in the kernel)
-    rc = ROOT / "tools" / ".render-matplotlibrc"
-    rc.write_text(f"figure.dpi: {FIGURE_DPI}\n")
-    os.environ["MATPLOTLIBRC"] = str(rc)
     t0 = time.perf_counter()
-    try:
-        NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                       resources={"metadata": {"path": str(path.parent)}}).execute()
-    finally:
-        os.environ.clear()
-        os.environ.update(env_backup)
-        rc.unlink(missing_ok=True)
+    # a small figure resolution for the inline backend (read by matplotlib in the kernel), in a
+    # folder of this render's own, so that renders running side by side do not share it
+    with tempfile.TemporaryDirectory(prefix="titans-render-") as tmp:
+        rc = Path(tmp) / "matplotlibrc"
+        rc.write_text(f"figure.dpi: {FIGURE_DPI}\n")
+        os.environ["MATPLOTLIBRC"] = str(rc)
+        try:
+            NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                           resources={"metadata": {"path": str(path.parent)}}).execute()
+        finally:
+            os.environ.clear()
+            os.environ.update(env_backup)
     seconds = time.perf_counter() - t0
     for cell in nb.cells:
         if cell.cell_type == "code":
