@@ -45,8 +45,6 @@ __all__ = [
     "PersistentMemory",
     "persistent_tokens",
     "persistent_prefix",
-    "persistent_tokens",
-    "persistent_prefix",
     "Attention",
     "attention_mask",
 ]
