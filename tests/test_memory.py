@@ -94,18 +94,23 @@ CONFIGS = [
 ]
 
 
+def assert_matches_reference(mem, x, rtol=1e-9, atol=1e-10):
+    """mem(x) equals sequential_reference(mem, x): outputs, end state and per-token stats.
+    Returns the chunked path's end state."""
+    with torch.no_grad():
+        y, state, stats = mem(x, return_stats=True)
+        y_ref, state_ref, stats_ref = sequential_reference(mem, x, return_stats=True)
+    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
+    assert_states_close(state, state_ref, rtol=rtol, atol=atol)
+    assert_stats_close(stats, stats_ref, rtol=rtol, atol=atol)
+    return state
+
+
 @pytest.mark.parametrize("chunk_size", [1, 3, 16])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_fast_path_matches_sequential_reference(cfg, chunk_size):
     mem = make(chunk_size=chunk_size, **cfg)
-    x = rand_x(T=37)  # not a multiple of any chunk size > 1: a partial last chunk
-    with torch.no_grad():
-        y, state, stats = mem(x, return_stats=True)
-        y_ref, state_ref, stats_ref = sequential_reference(mem, x, return_stats=True)
-    tol = dict(rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(y, y_ref, **tol)
-    assert_states_close(state, state_ref, **tol)
-    assert_stats_close(stats, stats_ref, **tol)
+    state = assert_matches_reference(mem, rand_x(T=37))  # 37: a partial last chunk
     assert state.pending == 37 % chunk_size
 
 
@@ -818,13 +823,7 @@ def test_attentional_bias_fast_path_matches_sequential_reference(bias, param, de
     mem = make(chunk_size=chunk_size, depth=depth, residual_norm=residual_norm, heads=2,
                attentional_bias=bias, bias_param=param)
     x = rand_x(T=13)
-    with torch.no_grad():
-        y, state, stats = mem(x, return_stats=True)
-        y_ref, state_ref, stats_ref = sequential_reference(mem, x, return_stats=True)
-    tol = dict(rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(y, y_ref, **tol)
-    assert_states_close(state, state_ref, **tol)
-    assert_stats_close(stats, stats_ref, **tol)
+    state = assert_matches_reference(mem, x)
     # and the switch does something: the same layer with the ℓ2 loss ends elsewhere
     mem.attentional_bias, mem.bias_param = "l2", None
     with torch.no_grad():
