@@ -38,6 +38,7 @@ __all__ = [
     "ROWS",
     "PAPER_TABLE5",
     "ProbeConfig",
+    "row_config",
     "text_score",
     "probe_score",
     "run_row",
@@ -110,6 +111,12 @@ def _with(cfg: TitansConfig, overrides: dict[str, Any]) -> TitansConfig:
     if cfg.segment_len % chunk:
         changes["segment_len"] = chunk * -(-cfg.segment_len // chunk)
     return cfg.replace(**changes)
+
+
+def row_config(row: Row, preset: str = "cpu-demo", variant: str = "lmm") -> TitansConfig:
+    """The ``TitansConfig`` that ``text_score`` trains for ``row``: the preset's model with the
+    row's change (lesson 12 builds the models of every row from it)."""
+    return _with(TitansConfig.preset(preset, variant=variant), row.overrides)
 
 
 # ------------------------------------------------------------------------------------------

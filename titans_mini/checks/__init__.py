@@ -24,6 +24,8 @@ module                        checks
                               ``memory_gate``
 ``lesson10``                  10 recall beyond the window: ``mqar_row``, ``accuracy_by_distance``,
                               ``memory_sees_fact``
+``lesson12``                  12 ablations and beyond: ``attentional_bias_grad``,
+                              ``linear_memory_write``
 ============================  =================================================================
 
 Learners use them as ``from titans_mini import check; check.<name>(my_function)`` (the module
@@ -58,6 +60,7 @@ from titans_mini.checks import (
     lesson08,
     lesson09,
     lesson10,
+    lesson12,
 )
 from titans_mini.checks.framework import Check
 from titans_mini.checks.lesson00 import l2_normalize
@@ -71,6 +74,7 @@ from titans_mini.checks.lesson07 import causal_depthwise_conv, memory_gates, mem
 from titans_mini.checks.lesson08 import attention_with_persistent, persistent_attention_mask
 from titans_mini.checks.lesson09 import mac_attention_mask, mac_final_read, memory_gate
 from titans_mini.checks.lesson10 import accuracy_by_distance, memory_sees_fact, mqar_row
+from titans_mini.checks.lesson12 import attentional_bias_grad, linear_memory_write
 
 __all__ = [
     "CHECKS",
@@ -86,10 +90,11 @@ __all__ = [
     "persistent_attention_mask", "attention_with_persistent",
     "mac_attention_mask", "mac_final_read", "memory_gate",
     "mqar_row", "accuracy_by_distance", "memory_sees_fact",
+    "attentional_bias_grad", "linear_memory_write",
 ]
 
 LESSONS = (lesson00, lesson01, lesson02, lesson03, lesson04, lesson05, lesson06, lesson07, lesson08,
-           lesson09, lesson10)
+           lesson09, lesson10, lesson12)
 
 # every check by name, in lesson order
 CHECKS: dict[str, Check] = {name: getattr(module, name) for module in LESSONS for name in module.__all__}
