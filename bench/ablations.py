@@ -38,11 +38,6 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _run(name: str, seed: int, text: dict, probe: ProbeConfig, variant: str) -> dict:
-    row = next(r for r in ROWS if r.name == name)
-    return ablation.run_row(row, seed, text=text, probe=probe, variant=variant)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", nargs="+", default=[r.name for r in ROWS],
@@ -92,18 +87,26 @@ def main(argv=None) -> str:
     print(f"{len(have)} run(s) already in {out}; {len(todo)} to do", file=sys.stderr)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    with ProcessPoolExecutor(args.jobs, initializer=_worker_init, initargs=(args.threads,)) as pool, \
-            tqdm(total=len(todo), desc="ablation runs", file=sys.stderr) as bar:
-        futures = {pool.submit(_run, name, seed, text, probe, args.variant): (name, seed)
-                   for name, seed in todo}
-        for future in as_completed(futures):
-            run = {**future.result(), "settings": settings}
+    rows = {r.name: r for r in ROWS}
+    kwargs = dict(text=text, probe=probe, variant=args.variant)
+    if args.jobs == 1:  # in this process
+        _worker_init(args.threads)
+        runs = (ablation.run_row(rows[name], seed, **kwargs) for name, seed in todo)
+    else:
+        pool = ProcessPoolExecutor(args.jobs, initializer=_worker_init, initargs=(args.threads,))
+        futures = [pool.submit(ablation.run_row, rows[name], seed, **kwargs) for name, seed in todo]
+        runs = (future.result() for future in as_completed(futures))
+    with tqdm(total=len(todo), desc="ablation runs", file=sys.stderr) as bar:
+        for result in runs:
+            run = {**result, "settings": settings}
             with out.open("a") as f:
                 f.write(json.dumps(run) + "\n")
             done.append(run)
             bar.set_postfix_str(f"{run['row']} seed {run['seed']}: {run['val_bpb']:.3f} bpb, "
                                 f"recall {run['recall']:.0%}")
             bar.update(1)
+    if args.jobs > 1:
+        pool.shutdown()
 
     results = [r for r in done if r["row"] in args.rows and r["seed"] in args.seeds]
     table = ablation.markdown_table(results)

@@ -41,9 +41,9 @@ def test_every_row_changes_what_it_names():
     for name, ok in expect.items():
         mems = memories(build(by_name[name]))
         assert mems and all(ok(m) for m in mems), name
-    assert build(by_name["no persistent memory"]).config.n_persistent == 0
-    assert build(by_name["full"]).config.n_persistent > 0
-    assert build(by_name["+ attention (MAG)"]).config.variant == "mag"
+    assert build(by_name["no persistent memory"]).cfg.n_persistent == 0
+    assert build(by_name["full"]).cfg.n_persistent > 0
+    assert build(by_name["+ attention (MAG)"]).cfg.variant == "mag"
     # a chunk larger than the segment grows the segment to whole chunks (tiny: segment 16)
     cfg = ablation._with(TitansConfig.preset("tiny", variant="mac"), {"chunk_size": 32})
     assert cfg.segment_len == 32

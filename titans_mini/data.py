@@ -496,12 +496,15 @@ class LMBatch:
         doc_start: ``(B,)`` bool, True where the row begins a new document excerpt; a model's
             carried state must be reset there (all rows agree, so ``state=None`` does it).
         segment: index of this batch inside its excerpt (0 .. segments − 1).
+        weights: ``(B, T)`` float per-token loss weights, or None for a plain mean (the trainer
+            then minimises sum(weights · loss) / sum(weights); ``task_stream.RecallMix``).
     """
 
     inputs: torch.Tensor
     targets: torch.Tensor
     doc_start: torch.Tensor
     segment: int = 0
+    weights: torch.Tensor | None = None
 
     @property
     def reset(self) -> bool:
@@ -509,8 +512,9 @@ class LMBatch:
         return bool(self.doc_start.any())
 
     def to(self, device) -> LMBatch:
+        weights = None if self.weights is None else self.weights.to(device)
         return LMBatch(
-            self.inputs.to(device), self.targets.to(device), self.doc_start, self.segment
+            self.inputs.to(device), self.targets.to(device), self.doc_start, self.segment, weights
         )
 
 

@@ -71,6 +71,7 @@ __all__ = [
     "SwiGLU",
     "Block",
     "memory_writes_off",
+    "memory_stats",
 ]
 
 VARIANTS = ("mac", "mag", "mal", "lmm", "transformer", "swa")
@@ -95,6 +96,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     "colab-t4": dict(
         vocab_size=256, dim=384, n_layers=6, n_heads=6, memory_heads=6,
         segment_len=128, window=128, chunk_size=16, n_persistent=16, seq_len=512,
+    ),
+    # lesson 11 on a CPU: ~0.56M parameters; two layers of window 32 see at most ~62 tokens back,
+    # so a fact 120+ tokens back reaches the answer only through the memory
+    "cpu-lm": dict(
+        vocab_size=256, dim=128, n_layers=2, n_heads=4, memory_heads=4,
+        segment_len=32, window=32, chunk_size=8, n_persistent=4, seq_len=256,
+    ),
+    # lesson 11 on a GPU (free Colab T4): ~3.3M parameters; four layers of window 32 reach ~124
+    # tokens back, the facts of a 512-token row lie 200-450 tokens back
+    "t4-lm": dict(
+        vocab_size=256, dim=256, n_layers=4, n_heads=4, memory_heads=4,
+        segment_len=32, window=32, chunk_size=16, n_persistent=8, seq_len=512,
     ),
 }
 
@@ -185,7 +198,8 @@ class TitansConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> TitansConfig:
-        """Named sizes from ``PRESETS`` ("tiny", "cpu-demo", "colab-t4"), with overrides."""
+        """Named sizes from ``PRESETS`` ("tiny", "cpu-demo", "colab-t4", "cpu-lm", "t4-lm"), with
+        overrides."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
         fields = {f.name for f in dataclasses.fields(cls)}
@@ -631,3 +645,29 @@ def memory_writes_off(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, w in zip(memories, before):
             m.writes = w
+
+
+@torch.no_grad()
+def memory_stats(model: nn.Module, tokens: Tensor, state=None) -> list:
+    """Each ``NeuralMemory``'s statistics (``MemoryStats``: reads, per-token surprise, gradient
+    norm, θ, η, α per head) while ``model`` reads ``tokens`` — e.g. the surprise of a trained
+    language model's memory over a passage (lesson 11). One entry per memory call, in call order
+    (one per layer for lmm / mag / mal). A memory that reads ``P ‖ x`` at a sequence start
+    reports the ``N_p`` persistent tokens first."""
+    memories = [m for m in model.modules() if isinstance(m, NeuralMemory)]
+    if not memories:
+        raise ValueError(f"{type(model).__name__} has no NeuralMemory (the transformer and swa "
+                         "variants have none); use a mac, mag, mal or lmm model")
+    calls = []
+    hooks = [m.register_forward_pre_hook(
+        lambda mod, args, kwargs: calls.append((mod, args, kwargs)), with_kwargs=True)
+        for m in memories]
+    try:
+        model(tokens) if state is None else model(tokens, state)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = []
+    for mod, args, kwargs in calls:  # the same inputs again, now asking for the statistics
+        out.append(mod(*args, **{**kwargs, "return_stats": True})[2])
+    return out

@@ -7,16 +7,19 @@ takes ``data="mqar"``, ``"sniah_lite"`` or
 * ``TASK_NAMES``: the ``data`` names that select a task, aliases included;
 * ``TaskData``: the task with sizes that follow the model, where batch ``step`` is a pure function
   of ``(seed, rank, step)`` (so resuming needs only the step count) and evaluation batches use
-  seeds that training never draws.
+  seeds that training never draws;
+* ``RecallMix``: corpus text with S-NIAH-lite facts mixed into every batch (lesson 11;
+  ``TrainConfig.recall_rows``), with per-token loss weights.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from titans_mini import tasks as tasks_mod
 
-__all__ = ["TASK_NAMES", "TaskData"]
+__all__ = ["TASK_NAMES", "TaskData", "RecallMix"]
 
 TASK_NAMES = {
     "mqar": "mqar",
@@ -104,3 +107,87 @@ class TaskData:
     def eval_batches(self, n: int) -> list[tasks_mod.TaskBatch]:
         """``n`` held-out batches, the same on every rank and in every run with this seed."""
         return [self._make(_seed_of(self.seed, 2**31 - 1, i), self.batch_size) for i in range(n)]
+
+
+class RecallMix:
+    """Corpus text with S-NIAH-lite facts mixed in: the training stream of lesson 11.
+
+    Plain text rarely rewards a small model for remembering anything further back than its
+    attention reaches, so the outer training loop never teaches the memory's projections to write
+    and read. ``RecallMix`` replaces the last ``recall_rows`` rows of every text batch by an
+    S-NIAH-lite row (``tasks.sniah_lite``) whose haystack is corpus text from the same split:
+
+        [text ...] One of the special magic numbers for {key} is: {digits}. [text ...]
+        What is the special magic number for {key}? Answer: {digits}
+
+    with the needle at a depth drawn uniformly from [0, ``max_depth``] (far from the question).
+    ``batch(step)`` returns the text batcher's ``LMBatch`` with ``weights`` (B, T): 1 on the text
+    rows, ``haystack_weight`` on the recall rows' haystack, and on the answer tokens together the
+    same total weight as all the rest (the training loss is then the mean of "text" and "answer"
+    cross-entropies, so four answer bytes are not drowned by thousands of text bytes).
+    Like every batcher here, ``batch(step)`` is a pure function of ``(seed, rank, step)``.
+    """
+
+    def __init__(self, text, batcher, recall_rows: int, *, num_digits: int = 4,
+                 max_depth: float = 0.6, haystack_weight: float = 0.5, seed: int = 0,
+                 rank: int = 0):
+        if not 0 < recall_rows < batcher.batch_size:
+            raise ValueError(
+                f"recall_rows must be between 1 and batch_size - 1 = {batcher.batch_size - 1} "
+                f"(some rows stay text), got {recall_rows}"
+            )
+        if batcher.segments != 1:
+            raise ValueError("a recall mix trains on single segments: use segments=1")
+        need = tasks_mod.sniah_lite_min_length(num_digits, text.tokenizer)
+        if batcher.seq_len < need + 16:
+            raise ValueError(
+                f"seq_len {batcher.seq_len} is too short for a recall row (needle, question and "
+                f"answer take {need} tokens): use seq_len >= {need + 16}"
+            )
+        if not 0.0 <= max_depth <= 1.0:
+            raise ValueError(f"max_depth must lie in [0, 1], got {max_depth}")
+        self.text, self.batcher, self.recall_rows = text, batcher, recall_rows
+        self.num_digits, self.max_depth, self.haystack_weight = num_digits, max_depth, haystack_weight
+        self.seed, self.rank = seed, rank
+        self.batch_size, self.seq_len, self.segments = batcher.batch_size, batcher.seq_len, 1
+        # haystacks: excerpts of the same split, 4 rows long so that a needle rarely wraps
+        self._hay = type(batcher)(batcher.docs, recall_rows, 4 * batcher.seq_len, split="train",
+                                  seed=_seed_of(seed, 7), rank=rank)
+
+    def recall_batch(self, step: int) -> tasks_mod.TaskBatch:
+        """The S-NIAH-lite rows of ``step``."""
+        rng = np.random.default_rng(_seed_of(self.seed, self.rank, step, 1))
+        hay = self._hay.batch(step).inputs
+        rows = [
+            tasks_mod.sniah_lite(
+                1, self.seq_len, depth=float(rng.uniform(0, self.max_depth)),
+                seed=int(rng.integers(2**31)), haystack=hay[i].tolist(),
+                tokenizer=self.text.tokenizer, num_digits=self.num_digits,
+            )
+            for i in range(self.recall_rows)
+        ]  # fmt: skip
+        return tasks_mod.TaskBatch(
+            torch.cat([r.inputs for r in rows]), torch.cat([r.targets for r in rows]),
+            torch.cat([r.score_mask for r in rows]), "sniah_lite",
+            {"answers": [a for r in rows for a in r.info["answers"]],
+             "distance": torch.cat([r.info["distance"] for r in rows])},
+            rows[0].metric,
+        )  # fmt: skip
+
+    def batch(self, step: int):
+        b = self.batcher.batch(step)
+        r = self.recall_batch(step)
+        k = self.recall_rows
+        inputs, targets = b.inputs.clone(), b.targets.clone()
+        inputs[-k:] = r.inputs
+        # recall rows: next-token targets on the haystack too (it is text), the answer as scored
+        targets[-k:, :-1] = r.inputs[:, 1:]
+        targets[-k:][r.score_mask] = r.targets[r.score_mask]
+        weights = torch.ones(targets.shape)
+        weights[-k:] = self.haystack_weight
+        answer = torch.zeros(targets.shape, dtype=torch.bool)
+        answer[-k:] = r.score_mask
+        weights[answer] = 0.0
+        weights[answer] = weights.sum() / answer.sum()
+        b.inputs, b.targets, b.weights = inputs, targets, weights
+        return b

@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m titans_mini.train",
         description="Train a Titans variant or a baseline on a corpus or a synthetic task.",
     )
-    p.add_argument("--preset", required=True, help="model size: tiny, cpu-demo, colab-t4")
+    p.add_argument("--preset", required=True, help="model size: " + ", ".join(PRESETS))
     p.add_argument("--variant", required=True, help="mac, mag, mal, lmm, transformer or swa")
     p.add_argument("--steps", type=int, required=True, help="optimizer steps in total")
     p.add_argument("--out", required=True, help="run folder (metrics, config, checkpoint)")
@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", choices=["byte", "bpe"])
     g.add_argument("--bpe-vocab", type=int)
     g.add_argument("--sample-tokens", type=int)
+    g.add_argument("--recall-rows", type=int,
+                   help="rows per batch replaced by S-NIAH-lite facts in corpus text (lesson 11)")
+    g.add_argument("--recall-digits", type=int, help="digits of those facts' numbers")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument(
         "--stop-at", type=int, default=None, help="stop after this step (simulates an interruption)"

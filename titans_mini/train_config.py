@@ -44,6 +44,9 @@ class TrainConfig:
     bpe_vocab:      BPE vocabulary size (2k-8k suits the course)
     sample_tokens:  length of the text sample after training (0: none)
     progress:       show a tqdm progress bar
+    recall_rows:    rows of every text batch replaced by S-NIAH-lite facts in corpus text
+                    (``task_stream.RecallMix``; lesson 11); 0: plain text
+    recall_digits:  digits of those facts' numbers
     """
 
     steps: int = 200
@@ -68,6 +71,8 @@ class TrainConfig:
     bpe_vocab: int = 4096
     sample_tokens: int = 200
     progress: bool = True
+    recall_rows: int = 0
+    recall_digits: int = 4
 
     def validate(self) -> None:
         """Raise ``ValueError`` for any impossible setting (before any work starts)."""
@@ -76,7 +81,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("eval_every", "sample_tokens"):
+        for name in ("eval_every", "sample_tokens", "recall_rows"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.seq_len is not None and self.seq_len < 2:
@@ -93,6 +98,13 @@ class TrainConfig:
             raise ValueError(
                 f"precision must be 'fp32', 'bf16', 'fp16' or None, got {self.precision!r}"
             )
+        if self.recall_rows and not 0 < self.recall_rows < self.batch_size:
+            raise ValueError(
+                f"recall_rows must be below batch_size ({self.batch_size}) so that some rows stay "
+                f"text, got {self.recall_rows}"
+            )
+        if self.recall_rows and self.segments != 1:
+            raise ValueError("recall_rows needs segments=1 (a fact row is one segment)")
         if self.tokenizer not in ("byte", "bpe"):
             raise ValueError(f"tokenizer must be 'byte' or 'bpe', got {self.tokenizer!r}")
 
@@ -106,6 +118,8 @@ TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny": dict(batch_size=8, lr=3e-3, eval_every=20, log_every=5, sample_tokens=64),
     "cpu-demo": dict(batch_size=16, lr=2e-3, eval_every=100, log_every=10),
     "colab-t4": dict(batch_size=32, lr=1e-3, eval_every=250, log_every=25, eval_batches=8),
+    "cpu-lm": dict(batch_size=16, lr=2e-3, eval_every=100, log_every=10),
+    "t4-lm": dict(batch_size=32, lr=2e-3, eval_every=100, log_every=10, eval_batches=8),
 }
 """Training defaults per model preset (command line); ``TrainConfig``'s defaults otherwise."""
 

@@ -31,7 +31,7 @@ from titans_mini import data as data_mod
 from titans_mini import device as device_mod
 from titans_mini import run_io
 from titans_mini.models import TitansConfig, TitansLM
-from titans_mini.task_stream import TASK_NAMES, TaskData
+from titans_mini.task_stream import TASK_NAMES, RecallMix, TaskData
 from titans_mini.train_config import TrainConfig, lr_lambda
 
 __all__ = [
@@ -227,8 +227,12 @@ def build_model(model, cfg: TrainConfig, text: data_mod.TextData | None, device:
 
 
 def text_batches(text: data_mod.TextData, cfg: TrainConfig, seq_len: int, rank: int):
-    """``(train, val)`` document batchers: this rank's training rows, the shared validation."""
+    """``(train, val)`` document batchers: this rank's training rows (with S-NIAH-lite facts mixed
+    in when ``cfg.recall_rows``), the shared validation (always plain text)."""
     train = text.batcher("train", cfg.batch_size, seq_len, cfg.segments, seed=cfg.seed, rank=rank)
+    if cfg.recall_rows:
+        train = RecallMix(text, train, cfg.recall_rows, num_digits=cfg.recall_digits,
+                          seed=cfg.seed, rank=rank)
     return train, text.batcher("val", cfg.batch_size, seq_len, cfg.segments)
 
 

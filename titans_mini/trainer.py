@@ -196,12 +196,12 @@ class Trainer:
         return out, None
 
     def _next_batch(self):
-        """(inputs, targets, reset) for the current step."""
+        """(inputs, targets, reset, per-token loss weights or None) for the current step."""
         if self.task is not None:
             b = self.task.batch(self.step)
-            return b.inputs, b.targets, True
+            return b.inputs, b.targets, True, None
         b = self.train_batches.batch(self.step)
-        return b.inputs, b.targets, b.reset
+        return b.inputs, b.targets, b.reset, b.weights
 
     def train_step(self) -> float:
         """One optimizer step; returns the training loss.
@@ -212,16 +212,13 @@ class Trainer:
         and the step is repeated. Otherwise the error says what to lower."""
         cfg = self.cfg
         self.model.train()
-        inputs, targets, reset = self._next_batch()
+        inputs, targets, reset, weights = self._next_batch()
         inputs, targets = inputs.to(self.device), targets.to(self.device)
         if reset:
             self.state = None
         try:
             logits, new_state = self._forward(self.model, inputs, self.state)
-            loss = F.cross_entropy(
-                logits.float().flatten(0, 1), targets.flatten(),
-                ignore_index=tasks_mod.IGNORE_INDEX,
-            )  # fmt: skip
+            loss = _training_loss(logits, targets, weights)
             self.scaler.scale(loss).backward()
         except torch.cuda.OutOfMemoryError as err:
             # the traceback holds the step's activations: leave the except block before retrying
@@ -431,6 +428,18 @@ def _recover_from_out_of_memory(trainer: Trainer, err: Exception, shape) -> bool
 # ============================================================================================
 # Helpers of the step and the evaluation
 # ============================================================================================
+
+
+def _training_loss(logits, targets, weights=None):
+    """Mean next-token cross-entropy (positions with ``IGNORE_INDEX`` left out), or
+    sum(weights · loss) / sum(weights) with per-token ``weights`` (B, T)."""
+    flat = logits.float().flatten(0, 1)
+    if weights is None:
+        return F.cross_entropy(flat, targets.flatten(), ignore_index=tasks_mod.IGNORE_INDEX)
+    per_token = F.cross_entropy(flat, targets.flatten(), ignore_index=tasks_mod.IGNORE_INDEX,
+                                reduction="none")
+    weights = weights.to(per_token.device).flatten()
+    return (per_token * weights).sum() / weights.sum()
 
 
 def _check_finite_weights(model: nn.Module, step: int) -> None:
