@@ -15,6 +15,7 @@ from titans_mini.checks import (
     accuracy_by_distance,
     attention_with_persistent,
     attentional_bias_grad,
+    bits_per_byte,
     causal_depthwise_conv,
     chunk_coefficients,
     deep_memory_forward,
@@ -29,6 +30,7 @@ from titans_mini.checks import (
     linear_memory_write,
     mac_attention_mask,
     mac_final_read,
+    memorization_gain,
     memory_gate,
     memory_gates,
     memory_output,
@@ -42,6 +44,7 @@ from titans_mini.checks import (
     surprise_trace,
     titans_memory_step,
     token_surprise,
+    top_k_sample,
 )
 
 __all__ = [
@@ -49,6 +52,7 @@ __all__ = [
     "accuracy_by_distance",
     "attention_with_persistent",
     "attentional_bias_grad",
+    "bits_per_byte",
     "causal_depthwise_conv",
     "chunk_coefficients",
     "deep_memory_forward",
@@ -63,6 +67,7 @@ __all__ = [
     "linear_memory_write",
     "mac_attention_mask",
     "mac_final_read",
+    "memorization_gain",
     "memory_gate",
     "memory_gates",
     "memory_output",
@@ -76,4 +81,5 @@ __all__ = [
     "surprise_trace",
     "titans_memory_step",
     "token_surprise",
+    "top_k_sample",
 ]

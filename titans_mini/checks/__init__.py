@@ -24,6 +24,8 @@ module                        checks
                               ``memory_gate``
 ``lesson10``                  10 recall beyond the window: ``mqar_row``, ``accuracy_by_distance``,
                               ``memory_sees_fact``
+``lesson11``                  11 train a small language model: ``bits_per_byte``,
+                              ``memorization_gain``, ``top_k_sample``
 ``lesson12``                  12 ablations and beyond: ``attentional_bias_grad``,
                               ``linear_memory_write``
 ============================  =================================================================
@@ -60,6 +62,7 @@ from titans_mini.checks import (
     lesson08,
     lesson09,
     lesson10,
+    lesson11,
     lesson12,
 )
 from titans_mini.checks.framework import Check
@@ -74,6 +77,7 @@ from titans_mini.checks.lesson07 import causal_depthwise_conv, memory_gates, mem
 from titans_mini.checks.lesson08 import attention_with_persistent, persistent_attention_mask
 from titans_mini.checks.lesson09 import mac_attention_mask, mac_final_read, memory_gate
 from titans_mini.checks.lesson10 import accuracy_by_distance, memory_sees_fact, mqar_row
+from titans_mini.checks.lesson11 import bits_per_byte, memorization_gain, top_k_sample
 from titans_mini.checks.lesson12 import attentional_bias_grad, linear_memory_write
 
 __all__ = [
@@ -90,11 +94,12 @@ __all__ = [
     "persistent_attention_mask", "attention_with_persistent",
     "mac_attention_mask", "mac_final_read", "memory_gate",
     "mqar_row", "accuracy_by_distance", "memory_sees_fact",
+    "bits_per_byte", "memorization_gain", "top_k_sample",
     "attentional_bias_grad", "linear_memory_write",
 ]
 
 LESSONS = (lesson00, lesson01, lesson02, lesson03, lesson04, lesson05, lesson06, lesson07, lesson08,
-           lesson09, lesson10, lesson12)
+           lesson09, lesson10, lesson11, lesson12)
 
 # every check by name, in lesson order
 CHECKS: dict[str, Check] = {name: getattr(module, name) for module in LESSONS for name in module.__all__}
