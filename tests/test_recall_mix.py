@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from titans_mini.data import TextData, load_corpus
 from titans_mini.memory import NeuralMemory
 from titans_mini.models import PRESETS, TitansConfig, TitansLM, memory_stats
-from titans_mini.task_stream import RecallMix
+from titans_mini.task_stream import RecallMix, sniah_in_text
 from titans_mini.trainer import Trainer, _training_loss
 
 
@@ -103,3 +103,17 @@ def test_memory_stats_reports_the_surprise_the_memory_computes():
     torch.testing.assert_close(stats[0].surprise, want)
     with pytest.raises(ValueError, match="has no NeuralMemory"):
         memory_stats(TitansLM(TitansConfig.preset("tiny", variant="swa")), tokens)
+
+
+def test_sniah_in_text_asks_at_the_given_distance_in_held_out_text(text):
+    for distance in (70, 300):
+        b = sniah_in_text(text, 3, distance, seed=2)
+        assert b.info["distance"].tolist() == [distance] * 3
+        row = text.tokenizer.decode(b.inputs[0].tolist())
+        assert row.count("magic number") == 2
+        # the haystack is held-out text: a stretch before the needle occurs in the val plays
+        before = row.split(" One of the special")[0][-20:]
+        assert len(before) < 20 or any(before.encode() in bytes(d.astype("uint8").tolist())
+                                       for d in text.val_docs)
+    with pytest.raises(ValueError, match="does not fit"):
+        sniah_in_text(text, 1, 10)

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from titans_mini import tasks as tasks_mod
+from titans_mini.data import DocumentBatcher
 
-__all__ = ["TASK_NAMES", "TaskData", "RecallMix"]
+__all__ = ["TASK_NAMES", "TaskData", "RecallMix", "sniah_rows", "sniah_in_text"]
 
 TASK_NAMES = {
     "mqar": "mqar",
@@ -157,22 +158,8 @@ class RecallMix:
     def recall_batch(self, step: int) -> tasks_mod.TaskBatch:
         """The S-NIAH-lite rows of ``step``."""
         rng = np.random.default_rng(_seed_of(self.seed, self.rank, step, 1))
-        hay = self._hay.batch(step).inputs
-        rows = [
-            tasks_mod.sniah_lite(
-                1, self.seq_len, depth=float(rng.uniform(0, self.max_depth)),
-                seed=int(rng.integers(2**31)), haystack=hay[i].tolist(),
-                tokenizer=self.text.tokenizer, num_digits=self.num_digits,
-            )
-            for i in range(self.recall_rows)
-        ]  # fmt: skip
-        return tasks_mod.TaskBatch(
-            torch.cat([r.inputs for r in rows]), torch.cat([r.targets for r in rows]),
-            torch.cat([r.score_mask for r in rows]), "sniah_lite",
-            {"answers": [a for r in rows for a in r.info["answers"]],
-             "distance": torch.cat([r.info["distance"] for r in rows])},
-            rows[0].metric,
-        )  # fmt: skip
+        return sniah_rows(self._hay.batch(step).inputs, self.seq_len, self.text.tokenizer, rng,
+                          max_depth=self.max_depth, num_digits=self.num_digits)
 
     def batch(self, step: int):
         b = self.batcher.batch(step)
@@ -191,3 +178,39 @@ class RecallMix:
         weights[answer] = weights.sum() / answer.sum()
         b.inputs, b.targets, b.weights = inputs, targets, weights
         return b
+
+
+def sniah_rows(haystacks: torch.Tensor, length: int, tokenizer, rng: np.random.Generator, *,
+               distance: int | None = None, max_depth: float = 0.6,
+               num_digits: int = 4) -> tasks_mod.TaskBatch:
+    """One S-NIAH-lite row of ``length`` tokens per haystack row (token ids, (n, L')): the
+    needle at ``distance`` tokens before the answer, or at a depth drawn from [0, max_depth]."""
+    rows = []
+    for hay in haystacks:
+        place = (dict(distance=distance) if distance is not None
+                 else dict(depth=float(rng.uniform(0, max_depth))))
+        rows.append(tasks_mod.sniah_lite(
+            1, length, seed=int(rng.integers(2**31)), haystack=hay.tolist(),
+            tokenizer=tokenizer, num_digits=num_digits, **place,
+        ))  # fmt: skip
+    return tasks_mod.TaskBatch(
+        torch.cat([r.inputs for r in rows]), torch.cat([r.targets for r in rows]),
+        torch.cat([r.score_mask for r in rows]), "sniah_lite",
+        {"answers": [a for r in rows for a in r.info["answers"]],
+         "distance": torch.cat([r.info["distance"] for r in rows])},
+        rows[0].metric,
+    )  # fmt: skip
+
+
+def sniah_in_text(text, n: int, distance: int, *, split: str = "val", num_digits: int = 4,
+                  seed: int = 0) -> tasks_mod.TaskBatch:
+    """``n`` S-NIAH-lite rows in the corpus's ``split`` text (lesson 11's recall probe): the
+    number is asked ``distance`` tokens after the needle; each row is just long enough
+    (``distance`` + the question, the answer and a little text before the needle)."""
+    need = tasks_mod.sniah_lite_min_length(num_digits, text.tokenizer)
+    length = distance + need
+    docs = text.val_docs if split == "val" else text.train_docs
+    hay = DocumentBatcher(docs, n, 4 * length, split="train", seed=seed,
+                          separator=text.separator).batch(0).inputs
+    return sniah_rows(hay, length, text.tokenizer, np.random.default_rng(seed),
+                      distance=distance, num_digits=num_digits)
