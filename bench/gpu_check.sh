@@ -5,7 +5,9 @@
 # Parts: env | tests (library tests under that machine's torch) | compile (compiled gradients ==
 # eager on this GPU: bench/compile_check.py) | memory (memory layer vs titans-pytorch 0.5.5) |
 # models (model benchmark, eager) | speed (memory variants with the opt-in compiled chunk step
-# and chunk checkpointing) | train (colab-t4 training runs, a Markdown table at the end).
+# and chunk checkpointing) | train (colab-t4 training runs, a Markdown table at the end) |
+# lesson11 (lesson 11 at full size on this GPU, stored with its outputs: needs the course extras,
+# pip install -e ".[course,dev]"; the rendered notebook is copied to $OUT/11_train_lm.ipynb).
 # TRAIN_VARIANTS entries are variant names; "mag+compile" trains mag with compile_chunks=true.
 # Each part has its own time limit so one slow part cannot eat the others' budget; all parts
 # together exceed one 600 s device call, so pick parts per call, e.g. (about 6 minutes):
@@ -83,6 +85,12 @@ for spec in specs:
           f"{last.get('val_bpb', float('nan')):.3f} |")
 PY
       ;;
+    lesson11)
+      rm -rf notebooks/runs/11_train_lm
+      timeout "${LESSON11_TIMEOUT:-560}" python3 -m tools.render notebooks/11_train_lm.ipynb 2>&1 \
+        | tail -5 | tee "$OUT/lesson11.txt"
+      cp notebooks/11_train_lm.ipynb "$OUT/11_train_lm.ipynb"
+      cp -r notebooks/runs/11_train_lm "$OUT/lesson11_runs" 2>/dev/null ;;
     *) echo "unknown part $part" ;;
   esac
 done
