@@ -307,13 +307,14 @@ class Trainer:
             bar = tqdm(total=end, initial=self.step, desc="train", dynamic_ncols=True)
         losses: list[float] = []
         tick, n_timed = time.perf_counter(), 0
+        speed = "?"  # tokens per second of the last logging interval, shown in the bar
         while self.step < end:
             loss = self.train_step()
             losses.append(loss)
             n_timed += 1
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}")
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=speed)
             at_end = self.step == cfg.steps
             do_eval = at_end or (cfg.eval_every > 0 and self.step % cfg.eval_every == 0)
             do_log = do_eval or self.step % cfg.log_every == 0 or self.step == end
@@ -328,11 +329,13 @@ class Trainer:
                     "tokens_per_s": tokens_per_step * n_timed / max(elapsed, 1e-9),
                 }
                 losses = []
+                speed = f"{row['tokens_per_s']:,.0f}"
                 if do_eval:
                     row.update(self.evaluate())
                 self._log(row)
                 if bar is not None and "val_loss" in row:
-                    bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{row['val_loss']:.3f}")
+                    bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{row['val_loss']:.3f}",
+                                    tok_s=speed)
                 tick, n_timed = time.perf_counter(), 0
             if at_end or self.step == end or (ckpt_every > 0 and self.step % ckpt_every == 0):
                 self.save()
