@@ -1,4 +1,4 @@
-"""A mini ablation study of the Titans memory (lesson 12; paper v1 Table 5, §5.7).
+"""A mini ablation study of the Titans memory (lesson 12; paper v1 Table 5).
 
 Each row removes or changes one part of the memory of a Titans model and is measured twice:
 
