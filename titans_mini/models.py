@@ -103,7 +103,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         vocab_size=256, dim=128, n_layers=2, n_heads=4, memory_heads=4,
         segment_len=32, window=32, chunk_size=8, n_persistent=4, seq_len=256,
     ),
-    # lesson 11 on a GPU (free Colab T4): ~3.3M parameters; four layers of window 32 reach ~124
+    # lesson 11 on a GPU (free Colab T4): ~4.3M parameters; four layers of window 32 reach ~124
     # tokens back, the facts of a 512-token row lie 200-450 tokens back
     "t4-lm": dict(
         vocab_size=256, dim=256, n_layers=4, n_heads=4, memory_heads=4,
