@@ -89,7 +89,8 @@ def main(argv=None) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = {r.name: r for r in ROWS}
     kwargs = dict(text=text, probe=probe, variant=args.variant)
-    if args.jobs == 1:  # in this process
+    threads_before = torch.get_num_threads()
+    if args.jobs == 1:  # in this process (its thread count is restored at the end)
         _worker_init(args.threads)
         runs = (ablation.run_row(rows[name], seed, **kwargs) for name, seed in todo)
     else:
@@ -107,6 +108,7 @@ def main(argv=None) -> str:
             bar.update(1)
     if args.jobs > 1:
         pool.shutdown()
+    torch.set_num_threads(threads_before)
 
     results = [r for r in done if r["row"] in args.rows and r["seed"] in args.seeds]
     table = ablation.markdown_table(results)

@@ -113,7 +113,7 @@ def test_sniah_in_text_asks_at_the_given_distance_in_held_out_text(text):
         assert row.count("magic number") == 2
         # the haystack is held-out text: a stretch before the needle occurs in the val plays
         before = row.split(" One of the special")[0][-20:]
-        assert len(before) < 20 or any(before.encode() in bytes(d.astype("uint8").tolist())
-                                       for d in text.val_docs)
+        assert len(before) == 20
+        assert any(before.encode() in bytes(d.astype("uint8").tolist()) for d in text.val_docs)
     with pytest.raises(ValueError, match="does not fit"):
         sniah_in_text(text, 1, 10)
